@@ -1,0 +1,453 @@
+"""Credit control (RFC 4006 / TS 32.299 Gy/Ro): a decoded CCR in, CCA bytes out.
+
+Theory of operation: `CreditControl.answer(message)` checks the request (5005/5004 with Failed-AVP),
+finds the subscriber or the session (cached index keys), turns every Multiple-Services-Credit-Control into
+an `MsccCharge` carrying its compiled rating schedule, and makes exactly one `BalanceStore.charge` call: the
+charge script does duplicate detection, commit, release and reservation atomically and returns a
+`ChargeOutcome`, which is encoded here into the CCA. A duplicate gets the stored outcome re-encoded, so the
+answer is the same and nothing is debited twice. Nothing here touches sockets or Redis directly.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import msgspec
+
+from balances.model import (
+    EVENT,
+    INITIAL,
+    TERMINATION,
+    UPDATE,
+    ChargeOutcome,
+    ChargeRequest,
+    Location,
+    MsccCharge,
+    MsccOutcome,
+    Units,
+)
+from balances.store import BalanceStore
+from ocs.clock import Clock
+from protocol.codec import Avp, Message, encode_answer, encode_avp
+from protocol.dictionary import lookup
+from ratecards.schedule import RatingSchedule
+
+log = logging.getLogger(__name__)
+
+SUCCESS = 2001
+UNABLE_TO_COMPLY = 5012
+MISSING_AVP = 5005
+INVALID_AVP_VALUE = 5004
+UNKNOWN_SESSION_ID = 5002
+USER_UNKNOWN = 5030
+RATING_FAILED = 5031
+TOO_BUSY = 3004
+
+SUBSCRIPTION_E164, SUBSCRIPTION_IMSI = 0, 1
+REQUIRED_CCR_AVPS = (
+    "Session-Id",
+    "Origin-Host",
+    "Origin-Realm",
+    "Destination-Realm",
+    "Auth-Application-Id",
+    "Service-Context-Id",
+    "CC-Request-Type",
+    "CC-Request-Number",
+)
+# ISO 4217 numeric codes for Cost-Information / Remaining-Balance
+CURRENCY_CODES = {"EUR": 978, "USD": 840, "GBP": 826, "CHF": 756, "SEK": 752, "NOK": 578, "DKK": 208,
+                  "PLN": 985, "CZK": 203, "HUF": 348, "RON": 946, "TRY": 949, "INR": 356, "BRL": 986,
+                  "ZAR": 710, "NGN": 566, "KES": 404, "JPY": 392, "CNY": 156, "AUD": 36, "CAD": 124}
+UNIT_FIELD = {"bytes": "total", "seconds": "time", "events": "units"}
+UNIT_AVP = {"time": "CC-Time", "total": "CC-Total-Octets", "input": "CC-Input-Octets",
+            "output": "CC-Output-Octets", "units": "CC-Service-Specific-Units"}
+CAUSES = {1: "normalRelease", 2: "abnormalRelease", 3: "abnormalRelease", 4: "managementIntervention",
+          5: "abnormalRelease", 6: "timeLimit", 7: "abnormalRelease", 8: "timeLimit"}
+
+
+class RequestRejected(Exception):
+    """A CCR we answer with a command-level error before charging (5005, 5004, 5030, 5002, ...)."""
+
+    def __init__(self, result_code: int, failed_avp: bytes | None = None, message: str = "") -> None:
+        super().__init__(message or str(result_code))
+        self.result_code = result_code
+        self.failed_avp = failed_avp
+        self.message = message
+
+
+def _zero_value(type_name: str) -> Any:
+    if type_name in ("GROUPED",):
+        return []
+    if type_name in ("OCTET_STRING",):
+        return b""
+    if type_name in ("UTF8_STRING", "DIAMETER_IDENTITY", "DIAMETER_URI", "IP_FILTER_RULE"):
+        return ""
+    if type_name in ("ADDRESS",):
+        return "0.0.0.0"
+    if type_name.startswith("FLOAT"):
+        return 0.0
+    return 0
+
+
+def missing_avp(name: str) -> RequestRejected:
+    """5005 with a Failed-AVP carrying the missing AVP with a zero-filled payload (RFC 6733 §7.5)."""
+    definition = lookup(name)
+    failed = encode_avp(definition, _zero_value(definition.type.name))
+    return RequestRejected(MISSING_AVP, failed, f"missing AVP {name}")
+
+
+def invalid_avp(avp: Avp, message: str) -> RequestRejected:
+    return RequestRejected(INVALID_AVP_VALUE, bytes(avp.raw), message)
+
+
+def _units(group: Avp | None) -> Units | None:
+    if group is None:
+        return None
+    return Units(
+        time=group.get("CC-Time"),
+        total=group.get("CC-Total-Octets"),
+        input=group.get("CC-Input-Octets"),
+        output=group.get("CC-Output-Octets"),
+        units=group.get("CC-Service-Specific-Units"),
+    )
+
+
+def _sum_units(groups: list[Avp]) -> tuple[Units | None, int | None]:
+    """All USUs of one MSCC summed (a tariff change reports two), and the first Reporting-Reason inside."""
+    if not groups:
+        return None, None
+    total: dict[str, int] = {}
+    reason = None
+    for group in groups:
+        for field, avp_name in UNIT_AVP.items():
+            value = group.get(avp_name)
+            if value is not None:
+                total[field] = total.get(field, 0) + value
+        if reason is None:
+            reason = group.get("Reporting-Reason")
+    return Units(**total), reason
+
+
+def _context(message: Message, imsi: str | None) -> dict[str, Any]:
+    """Static CDR fields taken from the CCR-I (TS 32.298 names)."""
+    context: dict[str, Any] = {"originHost": message.get("Origin-Host") or ""}
+    if imsi:
+        context["servedIMSI"] = imsi
+    info = message.find("Service-Information")
+    ps = info.find("PS-Information") if info is not None else None
+    if ps is not None:
+        apn = ps.get("Called-Station-Id")
+        if apn:
+            context["apn"] = apn
+        charging_id = ps.get("3GPP-Charging-Id")
+        if charging_id is not None:
+            context["chargingID"] = (
+                int.from_bytes(charging_id, "big") if isinstance(charging_id, bytes | bytearray) else charging_id
+            )
+        plmn = ps.get("3GPP-SGSN-MCC-MNC")
+        if plmn:
+            context["servingNodePLMN"] = plmn if isinstance(plmn, str) else bytes(plmn).decode("ascii", "replace")
+        rat = ps.get("3GPP-RAT-Type")
+        if rat is not None:
+            context["ratType"] = rat[0] if isinstance(rat, bytes | bytearray) and len(rat) == 1 else (
+                rat if isinstance(rat, int) else bytes(rat).decode("ascii", "replace"))
+        if "servedIMSI" not in context:
+            imsi_ps = ps.get("3GPP-IMSI")
+            if imsi_ps:
+                context["servedIMSI"] = imsi_ps
+    if "apn" not in context:
+        apn = message.get("Called-Station-Id")
+        if apn:
+            context["apn"] = apn
+    return context
+
+
+class CreditControl:
+    """Answers CCRs; one instance per server process, shared by every peer connection."""
+
+    def __init__(
+        self,
+        *,
+        origin_host: str,
+        origin_realm: str,
+        store: BalanceStore,
+        plans: Mapping[str, Mapping[int, RatingSchedule]],
+        default_rating_groups: Mapping[str, int] | None = None,
+        clock: Clock | None = None,
+        metrics: Any = None,
+        unknown_session_termination_result: int = UNKNOWN_SESSION_ID,
+    ) -> None:
+        self.origin_host = origin_host
+        self.origin_realm = origin_realm
+        self.store = store
+        self.clock = clock or Clock()
+        self.metrics = metrics
+        self.unknown_session_termination_result = unknown_session_termination_result
+        self.default_rating_groups = dict(default_rating_groups or {})
+        self._identity = [("Origin-Host", origin_host), ("Origin-Realm", origin_realm)]
+        self.set_plans(plans)
+
+    def set_plans(self, plans: Mapping[str, Mapping[int, RatingSchedule]]) -> None:
+        """Compiled schedules, kept as the dicts the charge script takes (built once per plan × RG)."""
+        self._schedules = {
+            plan: {rg: msgspec.to_builtins(s) for rg, s in groups.items()} for plan, groups in plans.items()
+        }
+        self._currency = {
+            plan: next(iter(groups.values())).currency if groups else "EUR" for plan, groups in plans.items()
+        }
+        for plan, groups in plans.items():
+            if plan not in self.default_rating_groups and groups:
+                self.default_rating_groups[plan] = min(groups)
+
+    # ---- entry point -------------------------------------------------------------------------------------
+
+    async def answer(self, message: Message) -> bytes:
+        """The CCA for one CCR (never raises: every failure becomes a Diameter answer)."""
+        request_type = None
+        try:
+            self._check_required(message)
+            request_type = message.get("CC-Request-Type")
+            outcome, location = await self._charge(message, request_type)
+            if self.metrics is not None:
+                self.metrics.observe_answer(request_type, outcome.result_code)
+            return self._encode(message, outcome, location)
+        except RequestRejected as rejected:
+            if self.metrics is not None:
+                self.metrics.observe_answer(request_type, rejected.result_code)
+            return self._reject(message, rejected)
+        except (ConnectionError, TimeoutError, OSError) as exc:
+            log.warning("Redis unavailable while answering %s: %s", message.session_id, exc)
+            if self.metrics is not None:
+                self.metrics.observe_answer(request_type, TOO_BUSY)
+            return self._reject(message, RequestRejected(TOO_BUSY, message="balance store unavailable"))
+        except Exception:
+            log.exception("unexpected failure answering CCR %s", message.session_id)
+            if self.metrics is not None:
+                self.metrics.observe_answer(request_type, UNABLE_TO_COMPLY)
+            return self._reject(message, RequestRejected(UNABLE_TO_COMPLY, message="internal error"))
+
+    # ---- request checks ----------------------------------------------------------------------------------
+
+    def _check_required(self, message: Message) -> None:
+        for name in REQUIRED_CCR_AVPS:
+            if message.find(name) is None:
+                raise missing_avp(name)
+        request_type = message.find("CC-Request-Type")
+        if request_type.value not in (INITIAL, UPDATE, TERMINATION, EVENT):
+            raise invalid_avp(request_type, "CC-Request-Type must be 1..4")
+        app = message.find("Auth-Application-Id")
+        if app.value != 4:
+            raise invalid_avp(app, "Auth-Application-Id must be 4 (credit control)")
+        if request_type.value == EVENT:
+            action = message.find("Requested-Action")
+            if action is None:
+                raise missing_avp("Requested-Action")
+            if action.value not in (0, 1, 2, 3):
+                raise invalid_avp(action, "Requested-Action must be 0..3")
+
+    # ---- charging ----------------------------------------------------------------------------------------
+
+    async def _locate_subscriber(self, message: Message) -> tuple[Location, str | None]:
+        imsi = None
+        location = None
+        for subscription in message.find_all("Subscription-Id"):
+            kind = subscription.get("Subscription-Id-Type")
+            data = subscription.get("Subscription-Id-Data")
+            if data is None or kind is None:
+                continue
+            if kind == SUBSCRIPTION_IMSI:
+                imsi = data
+            if location is None and kind == SUBSCRIPTION_E164:
+                location = await self.store.locate_msisdn(data)
+            elif location is None and kind == SUBSCRIPTION_IMSI:
+                location = await self.store.locate_imsi(data)
+        if location is None and imsi is None:
+            user_name = message.get("User-Name")
+            if user_name:
+                location = await self.store.locate_msisdn(user_name)
+        if location is None:
+            raise RequestRejected(USER_UNKNOWN, message="subscriber unknown")
+        return location, imsi
+
+    async def _charge(self, message: Message, request_type: int) -> tuple[ChargeOutcome, Location | None]:
+        session_id = message.session_id
+        request_number = message.get("CC-Request-Number")
+        context: dict[str, Any] = {}
+        if request_type in (INITIAL, EVENT):
+            location, imsi = await self._locate_subscriber(message)
+            if request_type == INITIAL:
+                context = _context(message, imsi)
+        else:
+            location = await self.store.locate_session(session_id)
+            if location is None:
+                if request_type == TERMINATION:
+                    raise RequestRejected(self.unknown_session_termination_result, message="session unknown")
+                raise RequestRejected(UNKNOWN_SESSION_ID, message="session unknown")
+        for _attempt in range(2):
+            msccs, rating_failures = self._msccs(message, location.plan, request_type)
+            request = ChargeRequest(
+                session_id=session_id,
+                request_type=request_type,
+                request_number=request_number,
+                msisdn=location.msisdn,
+                plan=location.plan,
+                partition=location.partition,
+                now_ms=self.clock.now_ms(),
+                msccs=msccs,
+                requested_action=message.get("Requested-Action"),
+                origin_host=message.get("Origin-Host") or "",
+                end_to_end=message.end_to_end,
+                termination_cause=message.get("Termination-Cause"),
+                context=context,
+            )
+            outcome = await self.store.charge(request)
+            if outcome.stale_plan is None:
+                break
+            self.store.forget(msisdn=location.msisdn, session_id=session_id)
+            location = Location(location.partition, location.msisdn, outcome.stale_plan)
+        else:
+            raise RequestRejected(UNABLE_TO_COMPLY, message="subscriber plan changed during the request")
+        if rating_failures and not outcome.duplicate:
+            outcome.msccs.extend(rating_failures)
+        return outcome, location
+
+    def _msccs(self, message: Message, plan: str, request_type: int) -> tuple[list[MsccCharge], list[MsccOutcome]]:
+        """Every MSCC as an MsccCharge; MSCCs whose rating group the plan cannot rate become 5031 outcomes."""
+        schedules = self._schedules.get(plan, {})
+        charges: list[MsccCharge] = []
+        failures: list[MsccOutcome] = []
+        groups = message.find_all("Multiple-Services-Credit-Control")
+        if not groups:
+            # plain RFC 4006 client: command-level units on the plan's default rating group
+            requested = message.find("Requested-Service-Unit")
+            used = message.find_all("Used-Service-Unit")
+            if requested is None and not used and request_type != EVENT:
+                return charges, failures
+            rating_group = self.default_rating_groups.get(plan)
+            schedule = schedules.get(rating_group) if rating_group is not None else None
+            if schedule is None:
+                failures.append(MsccOutcome(rating_group=rating_group or 0, result_code=RATING_FAILED))
+                return charges, failures
+            used_units, reason = _sum_units(used)
+            charges.append(MsccCharge(
+                rating_group=rating_group,
+                schedule=schedule,
+                service_id=message.get("Service-Identifier"),
+                used=used_units,
+                requested=requested is not None or request_type == EVENT,
+                requested_units=_units(requested),
+                reporting_reason=reason,
+            ))
+            return charges, failures
+        for group in groups:
+            rating_group = group.get("Rating-Group")
+            service_id = group.get("Service-Identifier")
+            if rating_group is None:
+                rating_group = self.default_rating_groups.get(plan)
+            schedule = schedules.get(rating_group) if rating_group is not None else None
+            if schedule is None:
+                failures.append(MsccOutcome(rating_group=rating_group or 0, service_id=service_id,
+                                            result_code=RATING_FAILED))
+                continue
+            requested = group.find("Requested-Service-Unit")
+            used_units, reason = _sum_units(group.find_all("Used-Service-Unit"))
+            if reason is None:
+                reason = group.get("Reporting-Reason")
+            charges.append(MsccCharge(
+                rating_group=rating_group,
+                schedule=schedule,
+                service_id=service_id,
+                used=used_units,
+                requested=requested is not None or request_type == EVENT,
+                requested_units=_units(requested),
+                reporting_reason=reason,
+            ))
+        return charges, failures
+
+    # ---- answers -----------------------------------------------------------------------------------------
+
+    def _header_avps(self, message: Message, result_code: int) -> list:
+        avps: list = [
+            ("Session-Id", message.session_id or ""),
+            ("Result-Code", result_code),
+            *self._identity,
+            ("Auth-Application-Id", 4),
+        ]
+        request_type = message.get("CC-Request-Type")
+        if request_type is not None:
+            avps.append(("CC-Request-Type", request_type))
+        request_number = message.get("CC-Request-Number")
+        if request_number is not None:
+            avps.append(("CC-Request-Number", request_number))
+        return avps
+
+    def _trailer(self, message: Message) -> list:
+        return [bytes(p.raw) for p in message.find_all("Proxy-Info")]
+
+    def _reject(self, message: Message, rejected: RequestRejected) -> bytes:
+        avps = self._header_avps(message, rejected.result_code)
+        if rejected.message and rejected.result_code != SUCCESS:
+            avps.append(("Error-Message", rejected.message))
+        avps.extend(self._trailer(message))
+        if rejected.failed_avp is not None:
+            avps.append(("Failed-AVP", [rejected.failed_avp]))
+        return encode_answer(message, avps)
+
+    def _encode(self, message: Message, outcome: ChargeOutcome, location: Location | None) -> bytes:
+        avps = self._header_avps(message, outcome.result_code)
+        failed: list[bytes] = []
+        command_level = not message.find_all("Multiple-Services-Credit-Control")
+        plan = location.plan if location is not None else ""
+        if command_level:
+            # RFC 4006 form: units, FUI and cost at command level
+            for mscc in outcome.msccs:
+                if mscc.granted is not None:
+                    avps.append(("Granted-Service-Unit", self._unit_avps(mscc.granted)))
+                if mscc.final_unit_action is not None:
+                    avps.append(("Final-Unit-Indication", [("Final-Unit-Action", mscc.final_unit_action)]))
+                if mscc.cost is not None:
+                    avps.append(("Cost-Information", self._cost(mscc.cost, plan)))
+                if mscc.result_code != SUCCESS and outcome.result_code == SUCCESS:
+                    avps[1] = ("Result-Code", mscc.result_code)
+        else:
+            for mscc in outcome.msccs:
+                avps.append(("Multiple-Services-Credit-Control", self._mscc_avps(mscc)))
+                if mscc.result_code == RATING_FAILED:
+                    failed.append(encode_avp("Rating-Group", mscc.rating_group))
+            costs = [m.cost for m in outcome.msccs if m.cost is not None]
+            if costs:
+                avps.append(("Cost-Information", self._cost(sum(costs), plan)))
+        if outcome.check_balance_result is not None:
+            avps.append(("Check-Balance-Result", outcome.check_balance_result))
+        avps.extend(self._trailer(message))
+        if failed:
+            avps.append(("Failed-AVP", failed))
+        return encode_answer(message, avps)
+
+    @staticmethod
+    def _unit_avps(units: Units) -> list:
+        return [(UNIT_AVP[field], value) for field, value in msgspec.structs.asdict(units).items()
+                if value is not None]
+
+    def _mscc_avps(self, mscc: MsccOutcome) -> list:
+        avps: list = []
+        if mscc.granted is not None:
+            avps.append(("Granted-Service-Unit", self._unit_avps(mscc.granted)))
+        if mscc.service_id is not None:
+            avps.append(("Service-Identifier", mscc.service_id))
+        avps.append(("Rating-Group", mscc.rating_group))
+        avps.append(("Result-Code", mscc.result_code))
+        if mscc.final_unit_action is not None:
+            avps.append(("Final-Unit-Indication", [("Final-Unit-Action", mscc.final_unit_action)]))
+        return avps
+
+    def _cost(self, micro: int, plan: str) -> list:
+        digits, exponent = micro, -6
+        while digits and digits % 10 == 0 and exponent < 0:
+            digits //= 10
+            exponent += 1
+        currency = self._currency.get(plan, "EUR")
+        return [("Unit-Value", [("Value-Digits", digits), ("Exponent", exponent)]),
+                ("Currency-Code", CURRENCY_CODES.get(currency, 978))]

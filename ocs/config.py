@@ -1,0 +1,177 @@
+"""One configuration object for the whole server: a TOML file, then `OCS_*` environment variables on top.
+
+Defaults sit beside the fields. Everything is validated once at start; a bad value stops the server with
+one clear line naming the field. Environment variables: `OCS_<SECTION>__<FIELD>` (e.g.
+`OCS_DIAMETER__PORT=3869`), plus the short forms in ENV_ALIASES for the settings operators change most.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+
+import msgspec
+
+DEMO_RATECARD = Path(__file__).parent / "demo" / "ratecard.toml"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, worded for the operator."""
+
+
+class DiameterConfig(msgspec.Struct, forbid_unknown_fields=True):
+    origin_host: str = "ocs.test"
+    origin_realm: str = "test"
+    listen_host: str = "127.0.0.1"
+    port: int = 3868
+    host_ip_addresses: list[str] = msgspec.field(default_factory=lambda: ["127.0.0.1"])
+    product_name: str = "ocs"
+    vendor_id: int = 0
+    # None accepts any peer (demo); production lists Origin-Host names or IP addresses
+    allowed_peers: list[str] | None = None
+    advertise_vendor_specific_application: bool = False
+    watchdog_seconds: float = 30.0
+    max_message_length: int = 65536
+    # vendors whose unknown M-bit AVPs are ignored instead of answered 5001 (digest §8.8)
+    unknown_mandatory_vendor_allowlist: list[int] = msgspec.field(default_factory=list)
+    # answer to a CCR-T for a session we do not know (digest §8.2): 5002 or 2001
+    unknown_session_termination_result: int = 5002
+
+
+class RedisConfig(msgspec.Struct, forbid_unknown_fields=True):
+    # None starts the embedded Valkey under data_dir/valkey
+    url: str | None = None
+    partitions: int = 16
+    embedded_port: int = 6390
+    # warn at start when the server is configured less safely than this
+    require_appendfsync_always: bool = True
+
+
+class ChargingConfig(msgspec.Struct, forbid_unknown_fields=True):
+    ratecard: str = str(DEMO_RATECARD)
+    # override the rate card's default grant per unit type (0 = use the rate card's)
+    default_quota_bytes: int = 0
+    default_quota_seconds: int = 0
+    default_quota_events: int = 0
+
+
+class CdrConfig(msgspec.Struct, forbid_unknown_fields=True):
+    enabled: bool = True  # run the CDR writer inside `ocs serve`
+    directory: str = ""  # default: data_dir/cdr
+    rotate_records: int = 100_000
+    rotate_seconds: float = 300.0
+
+
+class MetricsConfig(msgspec.Struct, forbid_unknown_fields=True):
+    host: str = "127.0.0.1"
+    port: int = 9464  # 0 disables /metrics
+
+
+class Config(msgspec.Struct, forbid_unknown_fields=True):
+    data_dir: str = "data"
+    diameter: DiameterConfig = msgspec.field(default_factory=DiameterConfig)
+    redis: RedisConfig = msgspec.field(default_factory=RedisConfig)
+    charging: ChargingConfig = msgspec.field(default_factory=ChargingConfig)
+    cdr: CdrConfig = msgspec.field(default_factory=CdrConfig)
+    metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
+
+    @property
+    def cdr_directory(self) -> Path:
+        return Path(self.cdr.directory) if self.cdr.directory else Path(self.data_dir) / "cdr"
+
+
+ENV_ALIASES = {
+    "OCS_ORIGIN_HOST": ("diameter", "origin_host"),
+    "OCS_ORIGIN_REALM": ("diameter", "origin_realm"),
+    "OCS_LISTEN_HOST": ("diameter", "listen_host"),
+    "OCS_PORT": ("diameter", "port"),
+    "OCS_REDIS_URL": ("redis", "url"),
+    "OCS_DATA_DIR": ("data_dir",),
+    "OCS_RATECARD": ("charging", "ratecard"),
+    "OCS_METRICS_PORT": ("metrics", "port"),
+}
+
+
+def _parse_env_value(text: str) -> object:
+    """Environment values are TOML literals when they parse as one (numbers, booleans, arrays), else strings."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _env_overrides(environ: dict[str, str]) -> dict:
+    overrides: dict = {}
+    for name, text in environ.items():
+        if not name.startswith("OCS_"):
+            continue
+        if name in ENV_ALIASES:
+            path = ENV_ALIASES[name]
+        elif "__" in name:
+            path = tuple(part.lower() for part in name[4:].split("__"))
+        else:
+            continue
+        node = overrides
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = _parse_env_value(text)
+    return overrides
+
+
+def _merge(base: dict, top: dict) -> dict:
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(path: str | Path | None = None, environ: dict[str, str] | None = None) -> Config:
+    """Read the TOML file (if any), apply environment variables, validate. Raises ConfigError."""
+    raw: dict = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    raw = _merge(raw, _env_overrides(dict(os.environ if environ is None else environ)))
+    try:
+        config = msgspec.convert(raw, Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{path or 'configuration'}: {exc}") from None
+    _check(config)
+    return config
+
+
+def _check(config: Config) -> None:
+    d = config.diameter
+    if not d.origin_host or "." not in d.origin_host and d.origin_host != "localhost":
+        raise ConfigError(f"diameter.origin_host must be a DiameterIdentity (FQDN), got {d.origin_host!r}")
+    if not d.origin_realm:
+        raise ConfigError("diameter.origin_realm must not be empty")
+    if not 0 <= d.port <= 65535:
+        raise ConfigError(f"diameter.port must be 0..65535, got {d.port}")
+    if d.watchdog_seconds < 6:
+        raise ConfigError(f"diameter.watchdog_seconds must be at least 6 (RFC 3539), got {d.watchdog_seconds}")
+    if d.max_message_length < 20:
+        raise ConfigError("diameter.max_message_length must be at least 20")
+    if d.unknown_session_termination_result not in (5002, 2001):
+        raise ConfigError("diameter.unknown_session_termination_result must be 5002 or 2001")
+    if not 1 <= config.redis.partitions <= 999:
+        raise ConfigError(f"redis.partitions must be 1..999, got {config.redis.partitions}")
+    if config.redis.url is not None and not config.redis.url.startswith(
+        ("redis://", "rediss://", "unix://", "valkey://")
+    ):
+        raise ConfigError(f"redis.url must be a redis:// or unix:// URL, got {config.redis.url!r}")
+    if not 0 <= config.metrics.port <= 65535:
+        raise ConfigError(f"metrics.port must be 0..65535, got {config.metrics.port}")
+    for name in ("default_quota_bytes", "default_quota_seconds", "default_quota_events"):
+        if getattr(config.charging, name) < 0:
+            raise ConfigError(f"charging.{name} must not be negative")
+    if not Path(config.charging.ratecard).is_file():
+        raise ConfigError(f"charging.ratecard: file not found: {config.charging.ratecard}")

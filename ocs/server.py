@@ -1,0 +1,240 @@
+"""`ocs serve`: wires the Diameter transport to credit control, the balance store and the CDR writer.
+
+Start order: Redis (embedded Valkey unless a URL is configured) → balance store → rate cards → Diameter
+listener → CDR writer → /metrics. Stop order on SIGTERM/SIGINT (RFC 6733 §5.4): DPR (REBOOTING) to every
+peer, finish the requests in flight, stop accepting, drain and fsync the CDR streams, stop the embedded Valkey.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from pathlib import Path
+
+import redis.asyncio as aioredis
+
+from balances.embedded import EmbeddedValkey
+from balances.store import BalanceStore
+from ocs.charging import CreditControl
+from ocs.clock import Clock
+from ocs.config import Config
+from ocs.metrics import Metrics
+from protocol.codec import Message
+from protocol.peer import PeerSettings
+from protocol.transport import DiameterServer
+from ratecards import compile_ratecard, load_ratecard
+from ratecards.schedule import RatingSchedule
+
+log = logging.getLogger("ocs.server")
+
+CCR = 272
+SAFE_REDIS = {"appendonly": "yes", "appendfsync": "always", "maxmemory-policy": "noeviction"}
+
+
+def embedded_url_file(config: Config) -> Path:
+    return Path(config.data_dir) / "valkey" / "url"
+
+
+def compiled_plans(config: Config) -> tuple[dict[str, dict[int, RatingSchedule]], dict[str, int]]:
+    """Rate card → schedules per plan × rating group, with the configured default-quota overrides."""
+    import msgspec
+
+    card = load_ratecard(config.charging.ratecard)
+    plans = compile_ratecard(card)
+    overrides = {
+        "bytes": config.charging.default_quota_bytes,
+        "seconds": config.charging.default_quota_seconds,
+        "events": config.charging.default_quota_events,
+    }
+    for groups in plans.values():
+        for rg, schedule in list(groups.items()):
+            quota = overrides.get(schedule.unit, 0)
+            if quota:
+                groups[rg] = msgspec.structs.replace(
+                    schedule, default_quota=quota, max_quota=max(quota, schedule.max_quota)
+                )
+    defaults = {
+        name: plan.default_rating_group
+        for name, plan in card.plans.items()
+        if getattr(plan, "default_rating_group", None) is not None
+    }
+    return plans, defaults
+
+
+class RedisHandle:
+    """The Redis the server uses: the configured URL, or an embedded Valkey it starts and stops."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.embedded: EmbeddedValkey | None = None
+        self.url = config.redis.url
+
+    def start(self) -> str:
+        if self.url is None:
+            self.embedded = EmbeddedValkey(Path(self.config.data_dir) / "valkey",
+                                           port=self.config.redis.embedded_port)
+            self.url = self.embedded.start()
+            url_file = embedded_url_file(self.config)
+            url_file.write_text(self.url)
+            log.info("embedded Valkey started at %s (data in %s)", self.url, self.embedded.data_dir)
+        return self.url
+
+    def stop(self) -> None:
+        if self.embedded is not None:
+            embedded_url_file(self.config).unlink(missing_ok=True)
+            self.embedded.stop()
+            self.embedded = None
+
+
+async def warn_if_unsafe(client: aioredis.Redis) -> list[str]:
+    """Warn (never fail) when the Redis in use could lose or evict committed charges."""
+    warnings = []
+    try:
+        for key, wanted in SAFE_REDIS.items():
+            value = (await client.config_get(key)).get(key)
+            if value is not None and value != wanted:
+                warnings.append(f"Redis {key} is {value!r}, not {wanted!r}: committed charges may be lost")
+    except Exception as exc:  # CONFIG may be disabled on managed services
+        warnings.append(f"cannot read Redis durability settings ({exc}); make sure AOF fsync is on")
+    for warning in warnings:
+        log.warning(warning)
+    return warnings
+
+
+class ServerApp:
+    """The whole `ocs serve` process, startable from tests with a config and a clock."""
+
+    def __init__(self, config: Config, clock: Clock | None = None) -> None:
+        self.config = config
+        self.clock = clock or Clock()
+        self.metrics = Metrics()
+        self.redis = RedisHandle(config)
+        self.store: BalanceStore | None = None
+        self.diameter: DiameterServer | None = None
+        self.credit_control: CreditControl | None = None
+        self.cdr_writer = None
+        self._cdr_stop = asyncio.Event()
+        self._cdr_task: asyncio.Task | None = None
+        self._gauge_task: asyncio.Task | None = None
+        self._stopped = asyncio.Event()
+
+    @property
+    def port(self) -> int:
+        assert self.diameter is not None
+        return self.diameter.port
+
+    async def start(self) -> None:
+        url = self.redis.start()
+        self.store = await BalanceStore.connect(url, partitions=self.config.redis.partitions)
+        await warn_if_unsafe(self.store.redis)
+        plans, defaults = compiled_plans(self.config)
+        d = self.config.diameter
+        self.credit_control = CreditControl(
+            origin_host=d.origin_host,
+            origin_realm=d.origin_realm,
+            store=self.store,
+            plans=plans,
+            default_rating_groups=defaults,
+            clock=self.clock,
+            metrics=self.metrics,
+            unknown_session_termination_result=d.unknown_session_termination_result,
+        )
+        settings = PeerSettings(
+            origin_host=d.origin_host,
+            origin_realm=d.origin_realm,
+            host_ip_addresses=tuple(d.host_ip_addresses),
+            vendor_id=d.vendor_id,
+            product_name=d.product_name,
+            origin_state_id=self.clock.now_ms() // 1000 & 0xFFFFFFFF,
+            advertise_vendor_specific_application=d.advertise_vendor_specific_application,
+            allowed_peers=tuple(d.allowed_peers) if d.allowed_peers is not None else None,
+            watchdog_seconds=d.watchdog_seconds,
+            max_message_length=d.max_message_length,
+            application_commands={4: frozenset({CCR})},
+            unknown_mandatory_vendor_allowlist=frozenset(d.unknown_mandatory_vendor_allowlist),
+        )
+        self.diameter = DiameterServer(settings, self)
+        await self.diameter.start(d.listen_host, d.port)
+        if self.config.cdr.enabled:
+            self._start_cdr_writer()
+        if self.config.metrics.port:
+            self.metrics.serve(self.config.metrics.host, self.config.metrics.port)
+        self._gauge_task = asyncio.get_running_loop().create_task(self._update_gauges())
+        log.info("listening for Diameter on %s:%d as %s", d.listen_host, self.port, d.origin_host)
+
+    def _start_cdr_writer(self) -> None:
+        from ocs.cdr_writer import CdrWriter
+
+        assert self.store is not None
+        self.cdr_writer = CdrWriter(
+            self.store.redis,
+            self.config.cdr_directory,
+            range(self.store.partitions),
+            owner=f"{os.uname().nodename}:{os.getpid()}",
+            rotate_records=self.config.cdr.rotate_records,
+            rotate_seconds=self.config.cdr.rotate_seconds,
+        )
+        self._cdr_task = asyncio.get_running_loop().create_task(self.cdr_writer.run(self._cdr_stop))
+
+    async def _update_gauges(self) -> None:
+        assert self.store is not None
+        while True:
+            try:
+                self.metrics.open_sessions.set(await self.store.count_open_sessions())
+                if self.diameter is not None:
+                    self.metrics.peers.set(len(self.diameter.peers))
+            except Exception as exc:
+                log.debug("gauge update failed: %s", exc)
+            await asyncio.sleep(5)
+
+    async def stop(self) -> None:
+        """Graceful stop: DPR to every peer, finish in-flight requests, flush CDRs, stop Redis if ours."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        if self.diameter is not None:
+            await self.diameter.shutdown()
+        if self._gauge_task is not None:
+            self._gauge_task.cancel()
+        if self._cdr_task is not None:
+            self._cdr_stop.set()
+            try:
+                await asyncio.wait_for(self._cdr_task, timeout=30)
+            except Exception as exc:
+                log.error("CDR writer did not stop cleanly: %s", exc)
+        if self.store is not None:
+            await self.store.close()
+        self.redis.stop()
+
+    async def serve_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        stop_requested = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop_requested.set)
+        await self.start()
+        try:
+            await stop_requested.wait()
+            log.info("stopping: DPR to peers, finishing requests in flight, flushing CDRs")
+        finally:
+            await self.stop()
+
+    # ---- protocol.transport.RequestHandler ------------------------------------------------------------
+
+    def peer_opened(self, peer, event) -> None:
+        log.info("peer %s (%s) open", event.origin_host, peer.remote_address)
+
+    def peer_closed(self, peer) -> None:
+        log.info("peer %s closed", getattr(peer, "origin_host", None))
+
+    def peer_restarted(self, peer, event) -> None:
+        log.info("peer %s restarted (Origin-State-Id %s → %s)", event.origin_host, event.old_state_id,
+                 event.new_state_id)
+
+    def handle_answer(self, peer, message: Message) -> None:
+        pass
+
+    def handle_request(self, peer, message: Message):
+        assert self.credit_control is not None
+        return self.credit_control.answer(message)
