@@ -1,0 +1,181 @@
+"""Rate cards: the demo card compiles to exact fractions, and bad cards fail naming the key (and line)."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+
+from ratecards import (
+    RateCard,
+    RateCardError,
+    RatingSchedule,
+    compile_plan,
+    compile_ratecard,
+    initial_allowances,
+    load_ratecard,
+    parse_ratecard,
+    validate_ratecard,
+)
+
+DEMO = Path(__file__).resolve().parents[1] / "ocs" / "demo" / "ratecard.toml"
+DEMO_TEXT = DEMO.read_text()
+
+SMALL = """
+version = "t1"
+currency = "EUR"
+currency_minor_digits = 2
+rounding = "half-even"
+
+[plans.basic]
+default_rating_group = 1
+  [[plans.basic.rates]]
+  rating_group = 1
+  service = "data"
+  unit = "bytes"
+  price = "{price}"
+  per = {per}
+  increment = {increment}
+  default_quota = {default_quota}
+  max_quota = {max_quota}
+"""
+
+
+def small(**overrides: object) -> str:
+    values = {"price": "0.01", "per": 1000, "increment": 1000, "default_quota": 1000, "max_quota": 10000}
+    values.update(overrides)
+    return SMALL.format(**values)
+
+
+def error_of(text: str) -> RateCardError:
+    with pytest.raises(RateCardError) as caught:
+        parse_ratecard(text, source="card.toml")
+    return caught.value
+
+
+def test_demo_card_parses_and_compiles_to_exact_fractions() -> None:
+    card = load_ratecard(DEMO)
+    assert isinstance(card, RateCard)
+    assert (card.version, card.currency, card.currency_minor_digits, card.rounding) == (
+        "2026-11-demo", "EUR", 2, "up")
+    schedules = compile_plan(card, "demo")
+    assert set(schedules) == {100, 200, 300}
+    data, voice, sms = schedules[100], schedules[200], schedules[300]
+    # 0.01 EUR per MiB, 1 KiB increments: 10_000 µ × 1024 / 1048576 = 625/64 micro-units per increment
+    assert (data.price_num, data.price_den) == (625, 64)
+    assert Fraction(data.price_num, data.price_den) == Fraction("0.01") * 10**6 * 1024 / 1048576
+    assert (voice.price_num, voice.price_den) == (50_000, 1)  # 0.05 per minute, charged per minute
+    assert (sms.price_num, sms.price_den) == (90_000, 1)
+    assert data == RatingSchedule(
+        rating_group=100, unit="bytes", increment=1024, price_num=625, price_den=64,
+        default_quota=10485760, max_quota=104857600, minor=10_000, rounding="up",
+        allowances=("data",), final_unit_action=0, currency="EUR", version="2026-11-demo")
+    assert voice.allowances == () and voice.unit == "seconds" and voice.increment == 60
+    assert sms.unit == "events" and (sms.default_quota, sms.max_quota) == (1, 10)
+    assert initial_allowances(card, "demo") == {"data": 1073741824}
+    assert compile_ratecard(card) == {"demo": schedules}
+    assert card.plans["demo"].default_rating_group == 100
+
+
+def test_fractions_are_reduced_and_never_float() -> None:
+    card = parse_ratecard(small(price="0.0123", per=1048576, increment=1000, default_quota=1000,
+                                max_quota=1_000_000))
+    s = compile_plan(card, "basic")[1]
+    assert Fraction(s.price_num, s.price_den) == Fraction("0.0123") * 10**6 * 1000 / 1048576
+    assert Fraction(s.price_num, s.price_den).denominator == s.price_den  # already reduced
+    assert all(type(v) is int for v in (s.price_num, s.price_den, s.minor, s.increment))
+    assert s.rounding == "half-even" and card.plans["basic"].default_rating_group == 1
+
+
+def test_free_rate_compiles_to_zero() -> None:
+    s = compile_plan(parse_ratecard(small(price="0")), "basic")[1]
+    assert (s.price_num, s.price_den) == (0, 1)
+
+
+@pytest.mark.parametrize("digits, minor", [(0, 1_000_000), (2, 10_000), (3, 1_000), (6, 1)])
+def test_minor_unit_follows_currency_digits(digits: int, minor: int) -> None:
+    text = small().replace("currency_minor_digits = 2", f"currency_minor_digits = {digits}")
+    assert compile_plan(parse_ratecard(text), "basic")[1].minor == minor
+
+
+def test_toml_syntax_error_names_source_and_line() -> None:
+    broken = DEMO_TEXT.replace('currency = "EUR"', 'currency = "EUR')
+    err = error_of(broken)
+    assert err.line == 3 and str(err).startswith("card.toml:3: TOML syntax error")
+
+
+@pytest.mark.parametrize(
+    "old, new, field, line, words",
+    [
+        ('price = "0.05"', "price = 0.05", "plans.demo.rates[1].price", 32, "got `float`"),
+        ("increment = 60", "increment = 0", "plans.demo.rates[1].increment", 34, "positive"),
+        ("per = 60", 'per = "60"', "plans.demo.rates[1].per", 33, "expected `int`"),
+        ('rounding = "up"', 'rounding = "sideways"', "rounding", 5, "sideways"),
+        ("max_quota = 3600", "max_quota = 120", "plans.demo.rates[1].default_quota", 35, "exceeds"),
+        ("max_quota = 3600", "max_quota = 3630", "plans.demo.rates[1].max_quota", 36, "increments"),
+        ('unit = "seconds"', 'unit = "minutes"', "plans.demo.rates[1].unit", 31, "minutes"),
+        ('  price = "0.09"\n', "", "plans.demo.rates[2].price", 38, "missing"),
+        ('service = "sms"', 'service = "sms"\n  colour = "red"', "plans.demo.rates[2].colour", 41, "unknown"),
+        ("rating_groups = [100]", "rating_groups = [200]", "plans.demo.allowances[0].unit", 13, "seconds"),
+        ("rating_groups = [100]", "rating_groups = [99]", "plans.demo.allowances[0].rating_groups", 15, "99"),
+        ('price = "0.01"', 'price = "abc"', "plans.demo.rates[0].price", 21, "decimal"),
+        ('price = "0.01"', 'price = "-0.01"', "plans.demo.rates[0].price", 21, "non-negative"),
+        ('"TERMINATE" #', '"STOP" #', "plans.demo.rates[0].final_unit_action", 26, "STOP"),
+        ("currency_minor_digits = 2", "currency_minor_digits = 7", "currency_minor_digits", 4, "0..6"),
+        ('currency = "EUR"', 'currency = "euro"', "currency", 3, "ISO 4217"),
+        ("rating_group = 300", "rating_group = 200", "plans.demo.rates[2].rating_group", 39, "twice"),
+        ('bucket = "data"', 'bucket = "money"', "plans.demo.allowances[0].bucket", 12, "bucket"),
+    ],
+)
+def test_bad_values_name_the_key_and_line(old: str, new: str, field: str, line: int, words: str) -> None:
+    assert old in DEMO_TEXT
+    err = error_of(DEMO_TEXT.replace(old, new, 1))
+    assert err.field == field, str(err)
+    assert err.line == line, str(err)
+    assert words in str(err) and str(err).startswith(f"card.toml:{line}: {field}: ")
+
+
+def test_unknown_default_rating_group_is_refused() -> None:
+    err = error_of(small().replace("default_rating_group = 1", "default_rating_group = 7"))
+    assert err.field == "plans.basic.default_rating_group" and err.line == 8
+
+
+def test_plan_without_rates_and_card_without_plans() -> None:
+    err = error_of(small().split("  [[plans.basic.rates]]")[0].replace("default_rating_group = 1", ""))
+    assert err.field == "plans.basic.rates" and "missing" in str(err)
+    err = error_of('version = "x"\ncurrency = "EUR"\ncurrency_minor_digits = 2\nrounding = "up"\n[plans]\n')
+    assert err.field == "plans"
+
+
+def test_two_to_the_53_guard_on_grant_size() -> None:
+    # 1 EUR per byte, 1-byte increments: 10^6 micro-units per increment, 2^40 increments
+    err = error_of(small(price="1", per=1, increment=1, default_quota=1, max_quota=2**40))
+    assert err.field == "plans.basic.rates[0].max_quota" and "2^53" in str(err)
+    # just under the bound passes: (2^53 // 10^6) increments of 10^6 micro-units
+    limit = (2**53 - 2) // 10**6
+    parse_ratecard(small(price="1", per=1, increment=1, default_quota=1, max_quota=limit))
+
+
+def test_two_to_the_53_guard_on_price_denominator() -> None:
+    # a price whose fraction has a huge denominator: cost of a full grant × den would reach 2^53
+    err = error_of(small(price="0.000001", per=2**50 - 1, increment=2**40, default_quota=2**40,
+                         max_quota=2**52))
+    assert err.field and err.field.startswith("plans.basic.rates[0].") and "2^53" in str(err)
+
+
+def test_load_ratecard_reports_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(RateCardError, match="cannot read"):
+        load_ratecard(tmp_path / "nope.toml")
+
+
+def test_compile_plan_unknown_plan_and_hand_built_card() -> None:
+    card = load_ratecard(DEMO)
+    with pytest.raises(RateCardError, match="no plan 'gold'"):
+        compile_plan(card, "gold")
+    with pytest.raises(RateCardError, match="no plan"):
+        initial_allowances(card, "gold")
+    bad = RateCard(version="x", currency="EUR", currency_minor_digits=2, rounding="nearest", plans=card.plans)
+    with pytest.raises(RateCardError, match="rounding"):
+        validate_ratecard(bad)
+    validate_ratecard(card)
