@@ -338,7 +338,7 @@ def subscriber_import(file: Path, config: Path = ConfigOption, json: bool = Json
 # ---- money ---------------------------------------------------------------------------------------------
 
 
-@app.command()
+@app.command(context_settings={"ignore_unknown_options": True})
 def topup(
     msisdn: str,
     amount: str,

@@ -1,0 +1,216 @@
+-- charge.lua: one session CCR (INITIAL 1 / UPDATE 2 / TERMINATION 3), atomically.
+--
+-- KEYS[1] sub:{p}:<msisdn>   KEYS[2] bal:{p}:<msisdn>   KEYS[3] ses:{p}:<session-id>
+-- KEYS[4] open:{p}           KEYS[5] cdr:{p}
+-- ARGV[1] the ChargeRequest as JSON
+-- Returns a ChargeOutcome as JSON.
+--
+-- Order: duplicate check -> subscriber checks -> session checks -> for each MSCC (release the rating
+-- group's reservation, commit the used units, reserve the new grant) -> TERMINATION closes the session ->
+-- store the outcome under a:<request-number> -> last activity. Reads happen up front (one HMGET of the
+-- session, one HGETALL of the balances) and writes once at the end, apart from the CDR XADDs. The CDR
+-- members that never change in a session are rendered at CCR-I and kept in the session as 'cdr'.
+--
+-- Choices:
+--  * Answers that change nothing (5030, 4010 on CCR-I, 5002, 5012, stale plan) are not stored: a
+--    retransmission recomputes the same answer because nothing changed.
+--  * CCR-I for a session id that already exists (open or closed) and has no stored answer for this request
+--    number is answered 5012 UNABLE_TO_COMPLY and changes nothing: never a second reservation for a session.
+--  * The last WINDOW answers are kept; a request numbered at or below (highest - WINDOW) that has no stored
+--    answer cannot be told apart from an old duplicate and is answered 5012 without changes.
+--  * A barred subscriber (status not "active"): CCR-I 4010 at command level; CCR-U commits the used units
+--    and answers 4010 in each MSCC that asks for units; CCR-T is always processed (usage happened).
+--  * An RSU with no value in the schedule's unit, or a zero value, means the default quota.
+--  * A stale plan is answered with stale_plan set and result 5012 (in case a caller ignores stale_plan).
+
+local WINDOW = 32
+local CLOSED_TTL_MS = 86400000 -- a closed session keeps its stored answers for a day
+
+local sub_key, bal_key, ses_key, open_key, cdr_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local req = decode(ARGV[1])
+
+local rtype = req.request_type
+if rtype ~= 1 and rtype ~= 2 and rtype ~= 3 then
+  return redis.error_reply('ERR charge: request_type must be 1, 2 or 3')
+end
+local err = check_request(req)
+if err then
+  return redis.error_reply('ERR charge: invalid ' .. err)
+end
+
+local n, now, e2e = req.request_number, req.now_ms, req.end_to_end
+local answer_field = 'a:' .. int(n)
+
+-- the session fields this request needs: the fixed ones, its stored answer, its rating groups' reservations
+local FIXED = 5
+local wanted = { 'state', 'msisdn', 'cdr', 'hi', answer_field }
+for _, m in ipairs(req.msccs) do
+  wanted[#wanted + 1] = 'r:' .. int(m.rating_group)
+end
+local ses = call('HMGET', ses_key, unpack_(wanted))
+
+-- 1. duplicate
+if ses[5] then
+  return as_duplicate(ses[5])
+end
+
+-- 2. subscriber
+local sub = call('HMGET', sub_key, 'msisdn', 'plan', 'status', 'imsi', 'currency')
+if not sub[1] then
+  return outcome_json(5030, nil, e2e)
+end
+if sub[2] ~= req.plan then
+  return outcome_json(5012, nil, e2e, { stale_plan = sub[2] or '' })
+end
+local active = sub[3] == 'active'
+if rtype == 1 and not active then
+  return outcome_json(4010, nil, e2e)
+end
+
+-- 3. session
+local ses_set = {} -- field, value, field, value ... written with one HSET at the end
+local ses_del = {}
+local rec = { session_id = req.session_id, n = n, now = now } -- what CDR records need
+local highest = tonumber(ses[4]) or -1
+if rtype == 1 then
+  if ses[1] then
+    return outcome_json(5012, nil, e2e)
+  end
+  local ctx_json = jval(req.context)
+  if ctx_json == '[]' then
+    ctx_json = '{}'
+  end
+  rec.static = cdr_static(req.msisdn, sub[4], req.session_id, req.origin_host, req.context, now)
+  ses_set = { 'msisdn', req.msisdn, 'plan', req.plan, 'state', 'open', 'origin_host', req.origin_host,
+    'ctx', ctx_json, 'cdr', rec.static, 'created', int(now) }
+else
+  if ses[1] ~= 'open' or ses[2] ~= req.msisdn then
+    return outcome_json(5002, nil, e2e)
+  end
+  if n <= highest - WINDOW then
+    return outcome_json(5012, nil, e2e)
+  end
+  rec.static = ses[3]
+end
+
+-- 4. the MSCCs, in order
+local w = wallet(bal_key)
+local reservations = {} -- 'r:<rg>' -> value to store (false: none)
+local existed = {} -- 'r:<rg>' -> true when the session hash has it now
+for i in ipairs(req.msccs) do
+  local field = wanted[FIXED + i]
+  if reservations[field] == nil then
+    reservations[field] = ses[FIXED + i]
+    existed[field] = ses[FIXED + i] ~= false
+  end
+end
+local outcomes = {}
+for i, m in ipairs(req.msccs) do
+  local s = m.schedule
+  local o = { rating_group = m.rating_group, service_id = m.service_id, result_code = 2001, amount = 0,
+    reserved = 0 }
+  local field = wanted[FIXED + i]
+  -- (a) the old reservation goes back first: the used units are paid out of it
+  if reservations[field] then
+    release(w, reservations[field])
+    reservations[field] = false
+  end
+  -- (b) used units
+  if present(m.used) then
+    local amount, taken = commit_usage(w, s, units_in(s.unit, m.used) or 0)
+    o.amount = amount
+    rated_record(cdr_key, 'usage', rec, m, s, m.used, amount, taken)
+  end
+  -- (c) a new grant
+  if m.requested and rtype ~= 3 then
+    if not active then
+      o.result_code = 4010
+    else
+      local want = units_in(s.unit, m.requested_units)
+      if not want or want == 0 then
+        want = s.default_quota
+      end
+      want = math.min(want, s.max_quota)
+      local granted, held, money, allowance_units = plan_grant(w, s, want)
+      if granted == 0 then
+        o.result_code = 4012
+      else
+        for _, kv in ipairs(held) do
+          wadd(w, kv[1] .. ':r', kv[2])
+        end
+        reservations[field] = '{"u":' .. int(granted) .. ',"b":' .. buckets_json(held) .. '}'
+        o.granted = units_json(s.unit, granted)
+        if money > 0 then
+          o.reserved = money
+        else
+          o.reserved = allowance_units
+        end
+        if granted < want then
+          o.final_unit_action = s.final_unit_action
+        end
+      end
+    end
+  end
+  outcomes[i] = o
+end
+
+-- 5. TERMINATION releases what other rating groups still hold and closes the session
+if rtype == 3 then
+  local others = {}
+  for _, field in ipairs(call('HKEYS', ses_key)) do
+    if string.sub(field, 1, 2) == 'r:' and reservations[field] == nil then
+      others[#others + 1] = field
+    end
+  end
+  if #others > 0 then
+    local values = call('HMGET', ses_key, unpack_(others))
+    for i, field in ipairs(others) do
+      release(w, values[i])
+      reservations[field] = false
+      existed[field] = true
+    end
+  end
+  for field, value in pairs(reservations) do
+    if value then -- granted in this request: a CCR-T grants nothing, so only by a repeated rating group
+      release(w, value)
+      reservations[field] = false
+    end
+  end
+  close_record(cdr_key, rec, CLOSING_CAUSE[req.termination_cause] or 'normalRelease', sub[5] or 'EUR')
+  call('ZREM', open_key, req.session_id)
+  ses_set[#ses_set + 1] = 'state'
+  ses_set[#ses_set + 1] = 'closed'
+  ses_set[#ses_set + 1] = 'closed'
+  ses_set[#ses_set + 1] = int(now)
+end
+wsave(w)
+
+-- the answer, stored for duplicates, and the last activity
+local out = outcome_json(2001, outcomes, e2e)
+for field, value in pairs(reservations) do
+  if value then
+    ses_set[#ses_set + 1] = field
+    ses_set[#ses_set + 1] = value
+  elseif existed[field] then
+    ses_del[#ses_del + 1] = field
+  end
+end
+ses_set[#ses_set + 1] = answer_field
+ses_set[#ses_set + 1] = out
+ses_set[#ses_set + 1] = 'last'
+ses_set[#ses_set + 1] = int(now)
+ses_set[#ses_set + 1] = 'hi'
+ses_set[#ses_set + 1] = int(math.max(highest, n))
+if n >= WINDOW then
+  ses_del[#ses_del + 1] = 'a:' .. int(n - WINDOW)
+end
+if #ses_del > 0 then
+  call('HDEL', ses_key, unpack_(ses_del))
+end
+call('HSET', ses_key, unpack_(ses_set))
+if rtype == 3 then
+  call('PEXPIRE', ses_key, CLOSED_TTL_MS)
+else
+  call('ZADD', open_key, int(now), req.session_id)
+end
+return out

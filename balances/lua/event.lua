@@ -1,0 +1,120 @@
+-- event.lua: one EVENT request (CC-Request-Type 4), atomically, by Requested-Action.
+--
+-- KEYS[1] sub:{p}:<msisdn>   KEYS[2] bal:{p}:<msisdn>   KEYS[3] evt:{p}:<session-id>:<request-number>
+-- KEYS[4] cdr:{p}            KEYS[5] ledger:{p}
+-- ARGV[1] the ChargeRequest as JSON (request_type 4, requested_action set)
+-- Returns a ChargeOutcome as JSON.
+--
+-- Units of an MSCC: its requested units in the schedule's unit, else its used units, else the schedule's
+-- default quota (no max_quota cap: an event is priced as asked).
+--  DIRECT_DEBITING (0): allowances first, then money; all or nothing per MSCC: 4012 and no debit when the
+--                       rest does not fit in the available money. One "event" CDR record per debit.
+--  REFUND_ACCOUNT (1):  credits the full money price of the units; ledger entry and a "refund" CDR record
+--                       with the negative amount (MsccOutcome.amount is negative too).
+--  CHECK_BALANCE (2):   check_balance_result 0 when each MSCC, on its own, could be debited, else 1.
+--                       Writes nothing.
+--  PRICE_ENQUIRY (3):   MsccOutcome.cost = the money price of the units (allowances ignored). Writes nothing.
+-- Every processed answer (all four actions) is stored under evt:... for TTL_MS for duplicates; answers
+-- that change nothing (5030, 4010, stale plan) are not. A barred subscriber gets 4010 for DIRECT_DEBITING.
+
+local TTL_MS = 300000
+
+local sub_key, bal_key, evt_key, cdr_key, ledger_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local req = decode(ARGV[1])
+
+if req.request_type ~= 4 then
+  return redis.error_reply('ERR event: request_type must be 4')
+end
+local action = req.requested_action
+if action ~= 0 and action ~= 1 and action ~= 2 and action ~= 3 then
+  return redis.error_reply('ERR event: requested_action must be 0..3')
+end
+local err = check_request(req)
+if err then
+  return redis.error_reply('ERR event: invalid ' .. err)
+end
+local e2e, now = req.end_to_end, req.now_ms
+
+local stored = call('GET', evt_key)
+if stored then
+  return as_duplicate(stored)
+end
+
+local sub = call('HMGET', sub_key, 'msisdn', 'plan', 'status', 'imsi', 'currency')
+if not sub[1] then
+  return outcome_json(5030, nil, e2e)
+end
+if sub[2] ~= req.plan then
+  return outcome_json(5012, nil, e2e, { stale_plan = sub[2] or '' })
+end
+if action == 0 and sub[3] ~= 'active' then
+  return outcome_json(4010, nil, e2e)
+end
+
+local rec = { session_id = req.session_id, n = req.request_number, now = now,
+  static = cdr_static(req.msisdn, sub[4], req.session_id, req.origin_host, req.context, now) }
+
+local function usage_of(unit, units)
+  if unit == 'bytes' then
+    return { total = units }
+  elseif unit == 'seconds' then
+    return { time = units }
+  end
+  return { units = units }
+end
+
+local w = wallet(bal_key)
+local outcomes = {}
+local enough = true
+for i, m in ipairs(req.msccs) do
+  local s = m.schedule
+  local o = { rating_group = m.rating_group, service_id = m.service_id, result_code = 2001, amount = 0 }
+  local units = units_in(s.unit, m.requested_units)
+  if not units or units == 0 then
+    units = units_in(s.unit, m.used)
+  end
+  if not units or units == 0 then
+    units = s.default_quota
+  end
+  if action == 0 then
+    local taken, amount, fits = plan_debit(w, s, units)
+    if fits then
+      for _, kv in ipairs(taken) do
+        wadd(w, kv[1], -kv[2])
+      end
+      o.amount = amount
+      o.granted = units_json(s.unit, units)
+      rated_record(cdr_key, 'event', rec, m, s, usage_of(s.unit, units), amount, taken)
+    else
+      o.result_code = 4012
+    end
+  elseif action == 1 then
+    local amount = price_units(s, units)
+    if amount > 0 then
+      wadd(w, s.money_bucket, amount)
+      call('XADD', ledger_key, '*', 'type', 'refund', 'msisdn', req.msisdn, 'amount', int(amount),
+        'reference', req.session_id .. ';' .. int(req.request_number) .. ';' .. int(m.rating_group),
+        'time', int(now))
+    end
+    o.amount = -amount
+    rated_record(cdr_key, 'refund', rec, m, s, usage_of(s.unit, units), -amount,
+      { { s.money_bucket, -amount } })
+  elseif action == 2 then
+    local _, _, fits = plan_debit(w, s, units)
+    if not fits then
+      enough = false
+    end
+  else
+    o.cost = price_units(s, units)
+  end
+  outcomes[i] = o
+end
+
+local extra = nil
+if action == 2 then
+  extra = { check_balance_result = enough and 0 or 1 }
+end
+wsave(w)
+local out = outcome_json(2001, outcomes, e2e, extra)
+call('SET', evt_key, out, 'PX', TTL_MS)
+return out

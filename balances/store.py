@@ -1,0 +1,540 @@
+"""BalanceStore: the one object the rest of the OCS uses to reach balances, sessions and CDR streams.
+
+Every change goes through a Lua function of the library in balances/lua (see scripts.py), so it is atomic in
+one Redis Cluster slot. Calls made during one event-loop tick are sent together: each call appends to a
+pending list and gets a future, the first call of a tick schedules a flush with `loop.call_soon`, and the
+flush sends one pipeline (transaction=False) of FCALLs and resolves the futures. Under load a CCR therefore
+costs a share of one round trip instead of one round trip. A server without the library (restarted without
+persistence, FUNCTION FLUSH) gets it loaded and the calls retried once; any other Redis error reaches the
+caller of that one call.
+
+Index keys (idx:, sidx:) live outside the partitions and are cached in process, so a CCR whose subscriber
+or session is known costs exactly one FCALL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import msgspec
+import redis.asyncio as aioredis
+
+from balances import keys as k
+from balances.model import (
+    EVENT,
+    INITIAL,
+    TERMINATION,
+    BucketState,
+    ChargeOutcome,
+    ChargeRequest,
+    Location,
+    Subscriber,
+    TopupResult,
+)
+from balances.scripts import Library, build_library, is_missing_function, load_library
+
+SESSION_INDEX_TTL_MS = 86_400_000  # sidx of a closed session lives as long as its stored answers
+PROVISION_CHUNK = 1000
+
+
+class UnknownSubscriber(Exception):
+    """No subscriber with that MSISDN."""
+
+
+class SubscriberExists(Exception):
+    """provision() without replace for an MSISDN that is already provisioned."""
+
+
+class _TopupAnswer(msgspec.Struct):
+    applied: bool = False
+    balance: int = 0
+    reference: str | None = None
+    unknown: bool = False
+
+
+class _Reservation(msgspec.Struct):
+    u: int
+    b: dict[str, int]
+
+
+_outcome_decoder = msgspec.json.Decoder(ChargeOutcome)
+_topup_decoder = msgspec.json.Decoder(_TopupAnswer)
+_reservation_decoder = msgspec.json.Decoder(_Reservation)
+_encoder = msgspec.json.Encoder()
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class _Call:
+    """One function call waiting for the next flush; `extra` are plain commands sent just before it."""
+
+    __slots__ = ("function", "keys", "args", "extra", "future")
+
+    def __init__(self, function: str, keys: Sequence[str], args: Sequence[Any],
+                 extra: Sequence[tuple], future: asyncio.Future) -> None:
+        self.function = function
+        self.keys = keys
+        self.args = args
+        self.extra = extra
+        self.future = future
+
+
+class _LocationCache:
+    """A bounded dict: the oldest entries go first when full (index keys rarely change)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.entries: dict[str, Location] = {}
+
+    def get(self, key: str) -> Location | None:
+        return self.entries.get(key)
+
+    def put(self, key: str, location: Location) -> None:
+        entries = self.entries
+        entries[key] = location
+        if len(entries) > self.limit:
+            del entries[next(iter(entries))]
+
+    def drop(self, key: str) -> None:
+        self.entries.pop(key, None)
+
+
+class BalanceStore:
+    """Balances, reservations and sessions in Redis/Valkey; see the module docstring for batching."""
+
+    def __init__(self, redis: aioredis.Redis, partitions: int | None = None, *, max_inflight: int = 4,
+                 max_batch: int = 256, cache_size: int = 1_000_000) -> None:
+        self.redis = redis
+        self._wanted_partitions = partitions
+        self._partitions: int | None = None
+        self.library: Library = build_library()
+        self.max_inflight = max_inflight
+        self.max_batch = max_batch
+        self.pipelines_sent = 0  # pipelines the batcher has sent (tests and benchmarks read it)
+        self.calls_sent = 0  # function calls in them
+        self._pending: list[_Call] = []
+        self._flush_scheduled = False
+        self._inflight = 0
+        self._tasks: set[asyncio.Task] = set()
+        self._ready_task: asyncio.Task | None = None
+        self._owns_client = False
+        self._msisdns = _LocationCache(cache_size)
+        self._imsis = _LocationCache(cache_size)
+        self._sessions = _LocationCache(cache_size)
+
+    @classmethod
+    async def connect(cls, url: str, partitions: int | None = None, **options: Any) -> BalanceStore:
+        """A store on its own client (redis-py asyncio + hiredis); close() closes the client."""
+        store = cls(aioredis.Redis.from_url(url), partitions, **options)
+        store._owns_client = True
+        await store.ready()
+        return store
+
+    async def close(self) -> None:
+        """Waits for calls in flight, then closes the client if connect() made it."""
+        while self._pending or self._tasks:
+            if self._pending and not self._flush_scheduled:
+                self._flush()
+            if self._tasks:
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+            else:
+                await asyncio.sleep(0)
+        if self._owns_client:
+            await self.redis.aclose()
+
+    # ---- install: partitions and functions -------------------------------------------------------------
+
+    async def ready(self) -> None:
+        """Reads (or installs) the partition count and loads the function library; idempotent."""
+        if self._partitions is not None:
+            return
+        if self._ready_task is None:
+            self._ready_task = asyncio.ensure_future(self._install())
+        try:
+            await asyncio.shield(self._ready_task)
+        except Exception:
+            self._ready_task = None
+            raise
+
+    async def _install(self) -> None:
+        wanted = self._wanted_partitions
+        if wanted is not None and not 1 <= wanted <= k.MAX_PARTITIONS:
+            raise ValueError(f"partitions must be 1..{k.MAX_PARTITIONS}")
+        await self.redis.set(k.PARTITIONS_KEY, wanted or k.DEFAULT_PARTITIONS, nx=True)
+        installed = int(await self.redis.get(k.PARTITIONS_KEY))
+        if wanted is not None and installed != wanted:
+            raise ValueError(f"{k.PARTITIONS_KEY} is {installed}, not {wanted}: partitions are fixed at install")
+        await load_library(self.redis, self.library)
+        self._partitions = installed
+
+    @property
+    def partitions(self) -> int:
+        if self._partitions is None:
+            raise RuntimeError("BalanceStore not ready: await store.ready() (connect() does)")
+        return self._partitions
+
+    def partition_for(self, msisdn: str) -> int:
+        """The partition of a new subscriber: crc32(msisdn) % P."""
+        return k.partition_of(msisdn, self.partitions)
+
+    # ---- batching --------------------------------------------------------------------------------------
+
+    def _enqueue(self, function: str, keys: Sequence[str], args: Sequence[Any],
+                 extra: Sequence[tuple] = ()) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._pending.append(_Call(function, keys, args, extra, future))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)
+        return future
+
+    def _flush(self) -> None:
+        """Sends what is pending in pipelines of at most max_batch calls, at most max_inflight pipelines at a
+        time; the rest waits for a pipeline to come back. Several moderate pipelines in flight let Redis
+        work on one while this process encodes the next and decodes the last; the cap keeps batches growing
+        under load instead of connections."""
+        self._flush_scheduled = False
+        loop = asyncio.get_running_loop()
+        while self._pending and self._inflight < self.max_inflight:
+            batch = self._pending[:self.max_batch]
+            del self._pending[:self.max_batch]
+            self._inflight += 1
+            task = loop.create_task(self._send(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._sent)
+
+    def _sent(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        self._inflight -= 1
+        if self._pending and not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    async def _send(self, batch: list[_Call]) -> None:
+        try:
+            results = await self._execute(batch)
+            retry = [call for call, result in zip(batch, results, strict=True) if is_missing_function(result)]
+            if retry:
+                await load_library(self.redis, self.library)
+                results = [*results]
+                again = dict(zip(map(id, retry), await self._execute(retry), strict=True))
+                results = [again.get(id(call), result) for call, result in zip(batch, results, strict=True)]
+        except BaseException as exc:  # connection lost, cancelled: every caller of the batch hears it
+            for call in batch:
+                if not call.future.done():
+                    call.future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for call, result in zip(batch, results, strict=True):
+            if call.future.done():  # the caller was cancelled
+                continue
+            if isinstance(result, Exception):
+                call.future.set_exception(result)
+            else:
+                call.future.set_result(result)
+
+    async def _execute(self, batch: list[_Call]) -> list[Any]:
+        """One pipeline for the batch; the result (or error) of each call's FCALL, in order."""
+        pipe = self.redis.pipeline(transaction=False)
+        positions = []
+        extra_positions: list[list[int]] = []
+        index = 0
+        for call in batch:
+            mine = []
+            for command in call.extra:
+                pipe.execute_command(*command)
+                mine.append(index)
+                index += 1
+            extra_positions.append(mine)
+            pipe.execute_command("FCALL", call.function, len(call.keys), *call.keys, *call.args)
+            positions.append(index)
+            index += 1
+        self.pipelines_sent += 1
+        self.calls_sent += len(batch)
+        raw = await pipe.execute(raise_on_error=False)
+        results = []
+        for position, mine in zip(positions, extra_positions, strict=True):
+            failed = next((raw[i] for i in mine if isinstance(raw[i], Exception)), None)
+            results.append(failed if failed is not None and not isinstance(raw[position], Exception)
+                           else raw[position])
+        return results
+
+    async def _call(self, name: str, keys: Sequence[str], args: Sequence[Any],
+                    extra: Sequence[tuple] = ()) -> Any:
+        if self._partitions is None:
+            await self.ready()
+        return await self._enqueue(self.library.functions[name], keys, args, extra)
+
+    # ---- locating subscribers and sessions ------------------------------------------------------------
+
+    async def locate_msisdn(self, msisdn: str) -> Location | None:
+        location = self._msisdns.get(msisdn)
+        if location is None:
+            value = await self.redis.get(k.idx_msisdn_key(msisdn))
+            if value is None:
+                return None
+            location = k.parse_location(value)
+            self._msisdns.put(msisdn, location)
+        return location
+
+    async def locate_imsi(self, imsi: str) -> Location | None:
+        location = self._imsis.get(imsi)
+        if location is None:
+            value = await self.redis.get(k.idx_imsi_key(imsi))
+            if value is None:
+                return None
+            location = k.parse_location(value)
+            self._imsis.put(imsi, location)
+        return location
+
+    async def locate_session(self, session_id: str) -> Location | None:
+        location = self._sessions.get(session_id)
+        if location is None:
+            value = await self.redis.get(k.sidx_key(session_id))
+            if value is None:
+                return None
+            location = k.parse_location(value)
+            self._sessions.put(session_id, location)
+        return location
+
+    def forget(self, *, msisdn: str | None = None, session_id: str | None = None, imsi: str | None = None) -> None:
+        """Drops cached locations (after a stale-plan answer, a re-provisioning, ...)."""
+        if msisdn is not None:
+            self._msisdns.drop(msisdn)
+        if session_id is not None:
+            self._sessions.drop(session_id)
+        if imsi is not None:
+            self._imsis.drop(imsi)
+
+    # ---- charging --------------------------------------------------------------------------------------
+
+    async def charge(self, request: ChargeRequest) -> ChargeOutcome:
+        """One CCR: one FCALL of charge.lua (event.lua for EVENT), batched with the tick's other calls.
+        CCR-I also writes sidx:<session-id> in the same pipeline; CCR-T gives it the closed-session TTL."""
+        p = request.partition
+        payload = _encoder.encode(request)
+        if request.request_type == EVENT:
+            keys = (k.sub_key(p, request.msisdn), k.bal_key(p, request.msisdn),
+                    k.evt_key(p, request.session_id, request.request_number), k.cdr_key(p), k.ledger_key(p))
+            raw = await self._call("event", keys, (payload,))
+        else:
+            keys = (k.sub_key(p, request.msisdn), k.bal_key(p, request.msisdn),
+                    k.ses_key(p, request.session_id), k.open_key(p), k.cdr_key(p))
+            extra: tuple[tuple, ...] = ()
+            if request.request_type == INITIAL:
+                extra = (("SET", k.sidx_key(request.session_id), f"{p}|{request.msisdn}|{request.plan}"),)
+            elif request.request_type == TERMINATION:
+                extra = (("PEXPIRE", k.sidx_key(request.session_id), SESSION_INDEX_TTL_MS),)
+            raw = await self._call("charge", keys, (payload,), extra)
+        outcome = _outcome_decoder.decode(raw)
+        if outcome.stale_plan is not None:
+            self.forget(msisdn=request.msisdn, session_id=request.session_id)
+        elif request.request_type == INITIAL and outcome.result_code == 2001:
+            self._sessions.put(request.session_id, Location(p, request.msisdn, request.plan))
+        elif request.request_type == TERMINATION:
+            self._sessions.drop(request.session_id)
+        return outcome
+
+    async def topup(self, msisdn: str, amount: int, reference: str | None, now_ms: int) -> TopupResult:
+        """Credits `amount` micro-units to the money bucket; a reference already used changes nothing."""
+        if not isinstance(amount, int) or isinstance(amount, bool) or amount <= 0:
+            raise ValueError("a top-up amount is a positive integer number of micro-units")
+        location = await self.locate_msisdn(msisdn)
+        if location is None:
+            raise UnknownSubscriber(msisdn)
+        p = location.partition
+        keys = [k.sub_key(p, msisdn), k.bal_key(p, msisdn), k.ledger_key(p)]
+        if reference:
+            keys.append(k.tup_key(p, reference))
+        raw = await self._call("topup", keys, (msisdn, str(amount), reference or "", str(now_ms)))
+        answer = _topup_decoder.decode(raw)
+        if answer.unknown:
+            self.forget(msisdn=msisdn)
+            raise UnknownSubscriber(msisdn)
+        return TopupResult(applied=answer.applied, balance=answer.balance, reference=answer.reference)
+
+    async def close_session(self, session_id: str, cause: str, now_ms: int) -> bool:
+        """Closes an open session outside Diameter (timeout, administrator): releases its reservations and
+        writes the closing CDR record. False when the session is unknown or not open."""
+        location = await self.locate_session(session_id)
+        if location is None:
+            return False
+        p, msisdn = location.partition, location.msisdn
+        keys = (k.sub_key(p, msisdn), k.bal_key(p, msisdn), k.ses_key(p, session_id), k.open_key(p),
+                k.cdr_key(p))
+        extra = (("PEXPIRE", k.sidx_key(session_id), SESSION_INDEX_TTL_MS),)
+        closed = await self._call("close", keys, (session_id, msisdn, cause, str(now_ms)), extra)
+        self._sessions.drop(session_id)
+        return bool(closed)
+
+    # ---- provisioning ----------------------------------------------------------------------------------
+
+    def _provision_commands(self, sub: Subscriber, partition: int, money: int,
+                            allowances: dict[str, int] | None, replace: bool) -> list[tuple]:
+        if not isinstance(money, int) or any(not isinstance(v, int) for v in (allowances or {}).values()):
+            raise ValueError("money and allowances are integers")
+        payload = _encoder.encode({
+            "msisdn": sub.msisdn, "imsi": sub.imsi, "plan": sub.plan, "status": sub.status,
+            "currency": sub.currency, "money": money, "allowances": allowances or {}, "replace": replace,
+        })
+        commands: list[tuple] = [("FCALL", self.library.functions["provision"], 2, k.sub_key(partition, sub.msisdn),
+                                  k.bal_key(partition, sub.msisdn), payload)]
+        value = k.location_value(Location(partition, sub.msisdn, sub.plan))
+        only_new = () if replace else ("NX",)
+        commands.append(("SET", k.idx_msisdn_key(sub.msisdn), value, *only_new))
+        if sub.imsi:
+            commands.append(("SET", k.idx_imsi_key(sub.imsi), value, *only_new))
+        return commands
+
+    async def _pipeline(self, commands: Iterable[tuple]) -> list[Any]:
+        """Plain commands in one pipeline; when the server lacks the library it is loaded and the pipeline
+        re-sent (callers only send commands that are safe to repeat)."""
+        commands = list(commands)
+        for attempt in range(2):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for command in commands:
+                    pipe.execute_command(*command)
+                results = await pipe.execute(raise_on_error=False)
+            if attempt == 0 and any(is_missing_function(r) for r in results):
+                await load_library(self.redis, self.library)
+                continue
+            for result in results:
+                if isinstance(result, Exception):
+                    raise result
+            return results
+        raise AssertionError("unreachable")
+
+    async def _known_partitions(self, msisdns: list[str]) -> list[int | None]:
+        """The partition each MSISDN already has (a subscriber never moves), None when not provisioned."""
+        values = await self._pipeline(("GET", k.idx_msisdn_key(m)) for m in msisdns)
+        return [None if v is None else k.parse_location(v).partition for v in values]
+
+    async def provision(self, sub: Subscriber, money: int = 0, allowances: dict[str, int] | None = None, *,
+                        replace: bool = False) -> int:
+        """Creates the subscriber, its balances and its index keys; returns its partition. Raises
+        SubscriberExists unless `replace` (which keeps the partition and open reservations)."""
+        await self.ready()
+        [known] = await self._known_partitions([sub.msisdn])
+        if known is not None and not replace:
+            raise SubscriberExists(sub.msisdn)
+        partition = known if known is not None else self._partition_of(sub)
+        results = await self._pipeline(self._provision_commands(sub, partition, money, allowances, replace))
+        code, old_imsi = int(results[0][0]), _text(results[0][1])
+        if code == 0:
+            raise SubscriberExists(sub.msisdn)
+        if old_imsi and old_imsi != (sub.imsi or ""):
+            await self.redis.delete(k.idx_imsi_key(old_imsi))
+            self._imsis.drop(old_imsi)
+        self._forget_subscriber(sub)
+        return partition
+
+    async def provision_many(self, subs: list[tuple[Subscriber, int, dict[str, int]]], *,
+                             replace: bool = False) -> int:
+        """Bulk provisioning, pipelined in chunks; returns how many were created (or replaced). Existing
+        subscribers are skipped unless `replace`."""
+        await self.ready()
+        done = 0
+        for start in range(0, len(subs), PROVISION_CHUNK):
+            chunk = subs[start:start + PROVISION_CHUNK]
+            known = await self._known_partitions([sub.msisdn for sub, _, _ in chunk])
+            commands: list[tuple] = []
+            firsts = []
+            for (sub, money, allowances), partition in zip(chunk, known, strict=True):
+                if partition is not None and not replace:
+                    continue
+                firsts.append((sub, len(commands)))
+                commands += self._provision_commands(sub, partition if partition is not None
+                                                     else self._partition_of(sub), money, allowances, replace)
+            if not commands:
+                continue
+            results = await self._pipeline(commands)
+            stale_imsis = []
+            for sub, first in firsts:
+                code, old_imsi = int(results[first][0]), _text(results[first][1])
+                done += code != 0
+                if code == 2 and old_imsi and old_imsi != (sub.imsi or ""):
+                    stale_imsis.append(k.idx_imsi_key(old_imsi))
+                    self._imsis.drop(old_imsi)
+                self._forget_subscriber(sub)
+            if stale_imsis:
+                await self.redis.delete(*stale_imsis)
+        return done
+
+    def _partition_of(self, sub: Subscriber) -> int:
+        if sub.partition is not None:
+            if not 0 <= sub.partition < self.partitions:
+                raise ValueError(f"partition {sub.partition} outside 0..{self.partitions - 1}")
+            return sub.partition
+        return self.partition_for(sub.msisdn)
+
+    def _forget_subscriber(self, sub: Subscriber) -> None:
+        self._msisdns.drop(sub.msisdn)
+        if sub.imsi:
+            self._imsis.drop(sub.imsi)
+
+    # ---- reading ---------------------------------------------------------------------------------------
+
+    async def subscriber(self, msisdn: str) -> Subscriber | None:
+        location = await self.locate_msisdn(msisdn)
+        if location is None:
+            return None
+        fields = {_text(f): _text(v) for f, v in
+                  (await self.redis.hgetall(k.sub_key(location.partition, msisdn))).items()}
+        if not fields:
+            return None
+        return Subscriber(msisdn=fields.get("msisdn", msisdn), imsi=fields.get("imsi"),
+                          plan=fields.get("plan", ""), status=fields.get("status", ""),
+                          currency=fields.get("currency", ""), partition=location.partition)
+
+    async def balances(self, msisdn: str) -> list[BucketState]:
+        """Every bucket with its balance and reservation, money first."""
+        location = await self.locate_msisdn(msisdn)
+        if location is None:
+            raise UnknownSubscriber(msisdn)
+        fields = {_text(f): int(v) for f, v in
+                  (await self.redis.hgetall(k.bal_key(location.partition, msisdn))).items()}
+        buckets = sorted({f.removesuffix(":r") for f in fields}, key=lambda b: (b != "money", b))
+        return [BucketState(b, fields.get(b, 0), fields.get(b + ":r", 0)) for b in buckets]
+
+    async def count_open_sessions(self) -> int:
+        await self.ready()
+        counts = await self._pipeline(("ZCARD", k.open_key(p)) for p in range(self.partitions))
+        return sum(counts)
+
+    async def open_sessions(self, limit: int = 1000) -> list[dict]:
+        """Open sessions, least recently active first: session_id, msisdn, plan, partition, created, last
+        (ms), origin_host and reservations {rating group: {"granted": units, "buckets": {bucket: amount}}}."""
+        await self.ready()
+        if limit <= 0:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for p in range(self.partitions):
+                pipe.zrange(k.open_key(p), 0, limit - 1, withscores=True)
+            ranges = await pipe.execute()
+        members = sorted((float(score), p, _text(sid)) for p, reply in enumerate(ranges)
+                         for sid, score in reply)[:limit]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for _, p, sid in members:
+                pipe.hgetall(k.ses_key(p, sid))
+            hashes = await pipe.execute()
+        sessions = []
+        for (score, p, sid), reply in zip(members, hashes, strict=True):
+            fields = {_text(f): v for f, v in reply.items()}
+            reservations = {}
+            for name, value in fields.items():
+                if name.startswith("r:"):
+                    held = _reservation_decoder.decode(value)
+                    reservations[int(name[2:])] = {"granted": held.u, "buckets": held.b}
+            sessions.append({
+                "session_id": sid, "partition": p,
+                "msisdn": _text(fields.get("msisdn", b"")), "plan": _text(fields.get("plan", b"")),
+                "created": int(fields.get("created", 0)), "last": int(score),
+                "origin_host": _text(fields.get("origin_host", b"")), "reservations": reservations,
+            })
+        return sessions
