@@ -451,7 +451,8 @@ def cdr_writer(config: Path = ConfigOption) -> None:
         async with StoreSession(cfg) as store:
             writer = CdrWriter(store.redis, cfg.cdr_directory, range(store.partitions),
                                owner=f"{os.uname().nodename}:{os.getpid()}",
-                               rotate_records=cfg.cdr.rotate_records, rotate_seconds=cfg.cdr.rotate_seconds)
+                               rotate_records=cfg.cdr.rotate_records, rotate_seconds=cfg.cdr.rotate_seconds,
+                               lease_ms=cfg.cdr.lease_ms)
             await writer.run(stop)
 
     run_async(main)

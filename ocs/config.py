@@ -61,6 +61,7 @@ class CdrConfig(msgspec.Struct, forbid_unknown_fields=True):
     directory: str = ""  # default: data_dir/cdr
     rotate_records: int = 100_000
     rotate_seconds: float = 300.0
+    lease_ms: int = 10_000  # a writer that dies hands its partitions over after this long
 
 
 class MetricsConfig(msgspec.Struct, forbid_unknown_fields=True):

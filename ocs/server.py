@@ -175,6 +175,7 @@ class ServerApp:
             owner=f"{os.uname().nodename}:{os.getpid()}",
             rotate_records=self.config.cdr.rotate_records,
             rotate_seconds=self.config.cdr.rotate_seconds,
+            lease_ms=self.config.cdr.lease_ms,
         )
         self._cdr_task = asyncio.get_running_loop().create_task(self.cdr_writer.run(self._cdr_stop))
 

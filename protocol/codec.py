@@ -11,7 +11,14 @@ Rules of this file:
   Encoders are built once per AvpDef (a pre-packed header and one struct call for fixed-size types).
 
 Theory of operation: an AVP is `code(4) flags(1) length(3) [vendor(4)] data padding`; `length` covers
-header and data but not the padding, so the next AVP starts at `offset + (length + 3) & ~3`.
+header and data but not the padding, so the next AVP starts at `offset + (length + 3) & ~3`. The walk
+of a container (message or grouped AVP) keeps two lists: the start offset of each child and its key
+`code | vendor << 32`, so `find` is a `list.index` done in C. Avp objects are created only for the
+children that are read; `get` of an integer, Time or text AVP decodes straight from the buffer.
+
+Hot-path tips for answer builders: bind `avp_encoder(name)` once; AVPs that never change (our
+Origin-Host/Realm, Auth-Application-Id) can be encoded once and passed as bytes; `Avp` objects and
+their `raw` bytes (Proxy-Info) are copied as they are.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import struct
 from collections.abc import Callable, Iterable
 from datetime import datetime
 from functools import partial
-from typing import Any, Union
+from typing import Any
 
 from protocol.dictionary import (
     AVP_BY_KEY,
@@ -279,7 +286,9 @@ class Avp(_Container):
 
     @property
     def children(self) -> list[Avp]:
-        """Inner AVPs, read as a grouped payload whatever the dictionary says (raises DecodeError 5014)."""
+        """Inner AVPs, read as a grouped payload whatever the dictionary says (raises DecodeError 5014).
+
+        The list is the cache itself: read it, do not change it."""
         return self._all()
 
     def __repr__(self) -> str:
@@ -319,7 +328,7 @@ class Message(_Container):
 
     @property
     def avps(self) -> list[Avp]:
-        """The top-level AVPs in wire order."""
+        """The top-level AVPs in wire order (the cache itself: read it, do not change it)."""
         return self._all()
 
     @property
@@ -646,7 +655,8 @@ def _validate(avps: list[Avp], allowlist: frozenset[int]) -> None:
 
 # ------------------------------------------------------------------------------------------ encoding
 
-AvpInput = Union[tuple[Union[str, AvpDef], object], bytes, Avp]  # noqa: UP007 - a runtime alias
+# an element of an AVP list: (name or AvpDef, value), encoded AVP bytes (copied, padded), or a received Avp
+AvpInput = tuple[str | AvpDef, object] | bytes | Avp
 
 _ENCODERS: dict[Any, Callable[[Any], bytes]] = {}
 _IDENTITY_CACHE_SIZE = 1024  # per AVP definition
@@ -667,14 +677,20 @@ def avp_encoder(name_or_def: str | AvpDef) -> Callable[[Any], bytes]:
 
 
 def encode_avp(name_or_def: str | AvpDef, value: Any) -> bytes:
-    """One AVP, padded. Value types mirror Avp.value (see module doc of each type in _build_encoder)."""
+    """One AVP, padded; V, Vendor-Id and M come from the definition.
+
+    Values mirror Avp.value: int for the integer types and Enumerated, float for Float32/64, int unix
+    seconds (or datetime) for Time, str for UTF8String/DiameterIdentity/DiameterURI/IPFilterRule,
+    bytes (or str, as UTF-8) for OctetString, str/ipaddress (or an encoded payload as bytes) for
+    Address, and a list of AvpInput for Grouped.
+    """
     try:
         encoder = _ENCODERS[name_or_def]
     except KeyError:
         encoder = avp_encoder(name_or_def)
     try:
         return encoder(value)
-    except struct.error as exc:
+    except (struct.error, OverflowError) as exc:
         name = name_or_def if isinstance(name_or_def, str) else name_or_def.name
         raise ValueError(f"cannot encode {value!r} as AVP {name}: {exc}") from None
 
@@ -689,7 +705,7 @@ def _encode_input(item: Any) -> bytes:
             encoder = avp_encoder(name_or_def)
         try:
             return encoder(value)
-        except struct.error:
+        except (struct.error, OverflowError):
             return encode_avp(name_or_def, value)  # re-raised with the AVP name
     if isinstance(item, Avp):
         item = item.raw
@@ -715,7 +731,7 @@ def _encode_list(items: Iterable[Any]) -> bytes:
                 try:
                     add(encoder(item[1]))
                     continue
-                except struct.error:
+                except (struct.error, OverflowError):
                     pass  # the slow path raises it again with the AVP's name
         add(_encode_input(item))
     return b"".join(parts)
