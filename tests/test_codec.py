@@ -219,6 +219,16 @@ def test_lookup_unknown_name_says_which():
     assert lookup(definition) is definition
 
 
+def test_generated_dictionary_is_up_to_date():
+    from pathlib import Path
+
+    from protocol import gen_dictionary
+
+    committed = Path(gen_dictionary.__file__).with_name("dictionary.py").read_text()
+    generated = gen_dictionary.render(gen_dictionary.build_table())
+    assert generated == committed, "stale: run python -m protocol.gen_dictionary"
+
+
 def test_command_and_application_constants():
     assert (CER, CCR, DWR, DPR) == (257, 272, 280, 282)
     assert (APP_COMMON, APP_CREDIT_CONTROL, APP_RELAY) == (0, 4, 0xFFFFFFFF)
