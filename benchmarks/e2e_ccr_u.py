@@ -55,6 +55,8 @@ def main() -> None:
     parser.add_argument("--subscribers", type=int, default=1000)
     parser.add_argument("--port", type=int, default=3899)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--profile", metavar="FILE",
+                        help="run the server under py-spy and write a flame-graph-ready profile (raw format)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="ocs-bench-") as tmp:
@@ -69,24 +71,32 @@ def main() -> None:
         ocs = [sys.executable, "-m", "ocs"]
         subprocess.run([*ocs, "subscriber", "import", str(csv_path), "--json"], env=env, check=True,
                        stdout=subprocess.DEVNULL, cwd=ROOT)
-        server = subprocess.Popen([*ocs, "serve", "--log-level", "WARNING"], env=env, cwd=ROOT)
+        command = [*ocs, "serve", "--log-level", "WARNING"]
+        if args.profile:
+            command = ["py-spy", "record", "--format", "raw", "--rate", "500", "-o", args.profile, "--", *command]
+        server = subprocess.Popen(command, env=env, cwd=ROOT)
         try:
             wait_port(args.port)
             valkey_pid = int(subprocess.check_output(["pgrep", "-f", f"valkey-server.*:{valkey.port}"]).split()[0])
-            cpu_before = {"ocs": cpu_seconds(server.pid), "valkey": cpu_seconds(valkey_pid)}
+            ocs_pid = server.pid if not args.profile else int(
+                subprocess.check_output(["pgrep", "-f", "-n", "ocs serve"]).split()[0])
+            cpu_before = {"ocs": cpu_seconds(ocs_pid), "valkey": cpu_seconds(valkey_pid)}
             client_before = time.process_time()
             settings = SimulationSettings(port=args.port, sessions=args.sessions, updates=args.updates,
                                           concurrency=args.concurrency, connections=args.connections,
                                           msisdns=msisdns, used_octets=50_000)
             report = asyncio.run(run_simulation(settings))
             cpu = {
-                "ocs": cpu_seconds(server.pid) - cpu_before["ocs"],
+                "ocs": cpu_seconds(ocs_pid) - cpu_before["ocs"],
                 "valkey": cpu_seconds(valkey_pid) - cpu_before["valkey"],
                 "simulator": time.process_time() - client_before,
             }
         finally:
-            server.terminate()
-            server.wait(timeout=30)
+            if args.profile:
+                subprocess.run(["pkill", "-INT", "-f", "-n", "ocs serve"])
+            else:
+                server.terminate()
+            server.wait(timeout=60)
             valkey.stop()
     updates = args.sessions * args.updates
     result = {

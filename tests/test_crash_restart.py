@@ -21,7 +21,15 @@ from balances.store import BalanceStore
 from ocs.config import load_config
 from ocs.server import compiled_plans
 from ratecards.pricing import amount_for_units
-from simulators.gy import CCR, FLAG_PROXIABLE, FLAG_REQUEST, SimulationSettings, ccr_avps, close_client, open_client
+from simulators.gy import (
+    CCR,
+    FLAG_PROXIABLE,
+    FLAG_REQUEST,
+    SimulationSettings,
+    ccr_avps,
+    close_client,
+    open_client,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 MSISDN = "491708880001"
