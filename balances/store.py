@@ -20,6 +20,7 @@ from typing import Any
 
 import msgspec
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 
 from balances import keys as k
 from balances.model import (
@@ -67,6 +68,24 @@ _encoder = msgspec.json.Encoder()
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _bulk(value: Any) -> bytes:
+    if isinstance(value, str):
+        value = value.encode()
+    elif isinstance(value, int):
+        value = b"%d" % value
+    return b"$%d\r\n%b\r\n" % (len(value), value)
+
+
+def _pack(command: Sequence[Any]) -> bytes:
+    """A command in RESP: an array of bulk strings."""
+    return b"*%d\r\n" % len(command) + b"".join(map(_bulk, command))
+
+
+def _pack_fcall(function: str, keys: Sequence[str], args: Sequence[Any]) -> bytes:
+    return (b"*%d\r\n$5\r\nFCALL\r\n" % (3 + len(keys) + len(args)) + _bulk(function) + _bulk(len(keys))
+            + b"".join(map(_bulk, keys)) + b"".join(map(_bulk, args)))
 
 
 class _Call:
@@ -221,7 +240,6 @@ class BalanceStore:
             retry = [call for call, result in zip(batch, results, strict=True) if is_missing_function(result)]
             if retry:
                 await load_library(self.redis, self.library)
-                results = [*results]
                 again = dict(zip(map(id, retry), await self._execute(retry), strict=True))
                 results = [again.get(id(call), result) for call, result in zip(batch, results, strict=True)]
         except BaseException as exc:  # connection lost, cancelled: every caller of the batch hears it
@@ -240,30 +258,45 @@ class BalanceStore:
                 call.future.set_result(result)
 
     async def _execute(self, batch: list[_Call]) -> list[Any]:
-        """One pipeline for the batch; the result (or error) of each call's FCALL, in order."""
-        pipe = self.redis.pipeline(transaction=False)
-        positions = []
-        extra_positions: list[list[int]] = []
-        index = 0
+        """One pipeline for the batch; the result (or error) of each call's FCALL, in order (an error of a
+        call's extra command counts as the call's error)."""
+        chunks = []
+        replies_per_call = []
         for call in batch:
-            mine = []
             for command in call.extra:
-                pipe.execute_command(*command)
-                mine.append(index)
-                index += 1
-            extra_positions.append(mine)
-            pipe.execute_command("FCALL", call.function, len(call.keys), *call.keys, *call.args)
-            positions.append(index)
-            index += 1
+                chunks.append(_pack(command))
+            chunks.append(_pack_fcall(call.function, call.keys, call.args))
+            replies_per_call.append(len(call.extra) + 1)
         self.pipelines_sent += 1
         self.calls_sent += len(batch)
-        raw = await pipe.execute(raise_on_error=False)
+        replies = iter(await self._roundtrip(chunks))
         results = []
-        for position, mine in zip(positions, extra_positions, strict=True):
-            failed = next((raw[i] for i in mine if isinstance(raw[i], Exception)), None)
-            results.append(failed if failed is not None and not isinstance(raw[position], Exception)
-                           else raw[position])
+        for count in replies_per_call:
+            mine = [next(replies) for _ in range(count)]
+            results.append(next((r for r in mine if isinstance(r, ResponseError)), mine[-1]))
         return results
+
+    async def _roundtrip(self, packed: list[bytes]) -> list[Any]:
+        """Sends packed commands on one pooled connection and reads every reply; error replies come back as
+        ResponseError values. The commands are packed here (_pack) rather than by redis-py's generic packer,
+        which costs more than all the rest of a charge() on this side; redis-py still owns the connection
+        (pool, auth, TLS, RESP parsing with hiredis)."""
+        pool = self.redis.connection_pool
+        connection = await pool.get_connection()
+        try:
+            await connection.send_packed_command(b"".join(packed), check_health=False)
+            replies: list[Any] = []
+            for _ in range(len(packed)):
+                try:
+                    replies.append(await connection.read_response())
+                except ResponseError as error:  # an error reply; the connection is fine
+                    replies.append(error)
+            return replies
+        except BaseException:
+            await connection.disconnect(nowait=True)  # replies may be left unread
+            raise
+        finally:
+            await pool.release(connection)
 
     async def _call(self, name: str, keys: Sequence[str], args: Sequence[Any],
                     extra: Sequence[tuple] = ()) -> Any:
@@ -276,6 +309,8 @@ class BalanceStore:
     async def locate_msisdn(self, msisdn: str) -> Location | None:
         location = self._msisdns.get(msisdn)
         if location is None:
+            if self._partitions is None:
+                await self.ready()
             value = await self.redis.get(k.idx_msisdn_key(msisdn))
             if value is None:
                 return None
@@ -286,6 +321,8 @@ class BalanceStore:
     async def locate_imsi(self, imsi: str) -> Location | None:
         location = self._imsis.get(imsi)
         if location is None:
+            if self._partitions is None:
+                await self.ready()
             value = await self.redis.get(k.idx_imsi_key(imsi))
             if value is None:
                 return None
@@ -296,6 +333,8 @@ class BalanceStore:
     async def locate_session(self, session_id: str) -> Location | None:
         location = self._sessions.get(session_id)
         if location is None:
+            if self._partitions is None:
+                await self.ready()
             value = await self.redis.get(k.sidx_key(session_id))
             if value is None:
                 return None
@@ -333,10 +372,15 @@ class BalanceStore:
                 extra = (("PEXPIRE", k.sidx_key(request.session_id), SESSION_INDEX_TTL_MS),)
             raw = await self._call("charge", keys, (payload,), extra)
         outcome = _outcome_decoder.decode(raw)
+        if request.request_type == INITIAL:
+            if outcome.result_code == 2001:
+                self._sessions.put(request.session_id, Location(p, request.msisdn, request.plan))
+            elif outcome.result_code != 5012 or outcome.stale_plan is not None:
+                # no session was created (5030, 4010, stale plan): take back the index entry; 5012 without
+                # stale_plan means the session exists and the entry is its own
+                await self.redis.delete(k.sidx_key(request.session_id))
         if outcome.stale_plan is not None:
             self.forget(msisdn=request.msisdn, session_id=request.session_id)
-        elif request.request_type == INITIAL and outcome.result_code == 2001:
-            self._sessions.put(request.session_id, Location(p, request.msisdn, request.plan))
         elif request.request_type == TERMINATION:
             self._sessions.drop(request.session_id)
         return outcome
@@ -393,14 +437,11 @@ class BalanceStore:
         return commands
 
     async def _pipeline(self, commands: Iterable[tuple]) -> list[Any]:
-        """Plain commands in one pipeline; when the server lacks the library it is loaded and the pipeline
-        re-sent (callers only send commands that are safe to repeat)."""
-        commands = list(commands)
+        """Plain commands in one round trip; when the server lacks the function library it is loaded and the
+        commands re-sent (callers only send commands that are safe to repeat). Raises the first error."""
+        packed = [_pack(command) for command in commands]
         for attempt in range(2):
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for command in commands:
-                    pipe.execute_command(*command)
-                results = await pipe.execute(raise_on_error=False)
+            results = await self._roundtrip(packed)
             if attempt == 0 and any(is_missing_function(r) for r in results):
                 await load_library(self.redis, self.library)
                 continue

@@ -93,11 +93,17 @@ async def run(url: str, sessions: int, calls: int, sequential_calls: int) -> Non
     rate = await sequential(store, located[:100], sequential_calls)
     print(f"sequential: {sequential_calls} charge calls, one at a time: {rate:,.0f} ops/s")
     before_pipes, before_calls = store.pipelines_sent, store.calls_sent
+    await store.redis.config_resetstat()
+    cpu = time.process_time()
     rate = await concurrent(store, located, calls, base=1_000_000)
+    cpu = time.process_time() - cpu
+    fcall = (await store.redis.info("commandstats")).get("cmdstat_fcall", {})
     pipes = store.pipelines_sent - before_pipes
     batch = (store.calls_sent - before_calls) / max(pipes, 1)
     print(f"batched: {calls} charge calls from {sessions} concurrent sessions: {rate:,.0f} ops/s "
           f"({pipes} pipelines, {batch:.0f} calls per pipeline)")
+    print(f"  per call: {fcall.get('usec_per_call', 0):.1f} µs in the server's FCALL, "
+          f"{cpu / calls * 1e6:.1f} µs of this process's CPU")
     await store.close()
 
 

@@ -70,19 +70,17 @@ end
 -- 3. session
 local ses_set = {} -- field, value, field, value ... written with one HSET at the end
 local ses_del = {}
-local rec = { session_id = req.session_id, n = n, now = now } -- what CDR records need
+local rec -- what the CDR records of this request share
 local highest = tonumber(ses[4]) or -1
 if rtype == 1 then
   if ses[1] then
     return outcome_json(5012, nil, e2e)
   end
-  local ctx_json = jval(req.context)
-  if ctx_json == '[]' then
-    ctx_json = '{}'
-  end
-  rec.static = cdr_static(req.msisdn, sub[4], req.session_id, req.origin_host, req.context, now)
+  local ctx_json = jval(req.context) -- an empty table is written as {}
+  local static = cdr_static(req.msisdn, sub[4], req.session_id, req.origin_host, req.context, now)
   ses_set = { 'msisdn', req.msisdn, 'plan', req.plan, 'state', 'open', 'origin_host', req.origin_host,
-    'ctx', ctx_json, 'cdr', rec.static, 'created', int(now) }
+    'ctx', ctx_json, 'cdr', static, 'created', int(now) }
+  rec = record_parts(static, req.session_id, n, now)
 else
   if ses[1] ~= 'open' or ses[2] ~= req.msisdn then
     return outcome_json(5002, nil, e2e)
@@ -90,7 +88,7 @@ else
   if n <= highest - WINDOW then
     return outcome_json(5012, nil, e2e)
   end
-  rec.static = ses[3]
+  rec = record_parts(ses[3], req.session_id, n, now)
 end
 
 -- 4. the MSCCs, in order

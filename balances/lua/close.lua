@@ -39,7 +39,7 @@ if #held > 0 then
 end
 wsave(w)
 
-local rec = { session_id = session_id, n = tonumber(ses[4]) or 0, now = now, static = ses[3] }
+local rec = record_parts(ses[3], session_id, tonumber(ses[4]) or 0, now)
 close_record(cdr_key, rec, cause, call('HGET', sub_key, 'currency') or 'EUR')
 call('ZREM', open_key, session_id)
 call('HSET', ses_key, 'state', 'closed', 'closed', int(now), 'last', int(now))

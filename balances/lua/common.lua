@@ -13,13 +13,20 @@
 --  * Read a hash once, change Lua tables, write once at the end: every redis.call costs about as much as
 --    a page of Lua here, and this code runs for every CCR.
 
--- Standard functions, bound on the first call of each function: Valkey runs a library's top level with
--- only redis.register_function visible, so they cannot be bound at load time.
-local fmt, floor, min, concat, encode, decode, call, null, unpack_
+-- Standard functions as upvalues, bound on the first call of each function. A function's global variables
+-- are reached through a protective metatable that costs a function call per access, and the library's top
+-- level runs with almost nothing visible, so they cannot be bound at load time. capture() is defined
+-- before the locals that shadow the globals, so its body still names the globals.
+local function capture()
+  return type, ipairs, pairs, tonumber, tostring, unpack, string, math, table, cjson, redis.call
+end
+local type, ipairs, pairs, tonumber, tostring, unpack, string, math, table, cjson, call
+local fmt, floor, min, concat, encode, decode, null, unpack_
 
 local function bind()
+  type, ipairs, pairs, tonumber, tostring, unpack, string, math, table, cjson, call = capture()
   fmt, floor, min, concat = string.format, math.floor, math.min, table.concat
-  encode, decode, call, null, unpack_ = cjson.encode, cjson.decode, redis.call, cjson.null, unpack
+  encode, decode, null, unpack_ = cjson.encode, cjson.decode, cjson.null, unpack
 end
 
 local function int(n)
@@ -458,39 +465,48 @@ local function cdr_static(msisdn, imsi, session_id, origin_host, ctx, opened)
   return concat(p)
 end
 
--- rec: {static = cdr_static(...), session_id, n, now}
-local function record_head(rec, record_id_tail, record_type)
-  return '{"recordId":' .. encode(rec.session_id .. ';' .. int(rec.n) .. ';' .. record_id_tail)
-    .. ',"recordType":"' .. record_type .. '","schemaVersion":1,' .. rec.static
-    .. ',"ccRequestNumber":' .. int(rec.n) .. ',"recordTime":' .. int(rec.now)
+-- what every record of one request shares: rec = {head = '{"recordId":"<sid>;<n>;', tail = the members
+-- after recordType}; a record is head .. <rg or 'close'> .. '","recordType":"<type>"' .. tail .. <own members>
+local function record_parts(static, session_id, n, now)
+  local id = encode(session_id .. ';' .. int(n) .. ';')
+  return {
+    head = '{"recordId":' .. string.sub(id, 1, -2),
+    tail = ',"schemaVersion":1,' .. static .. ',"ccRequestNumber":' .. int(n) .. ',"recordTime":' .. int(now),
+  }
 end
 
 local function usage_json(u)
   local p = {}
-  if present(u.time) then p[#p + 1] = '"time":' .. int(u.time) end
-  if present(u.input) then p[#p + 1] = '"octetsIn":' .. int(u.input) end
-  if present(u.output) then p[#p + 1] = '"octetsOut":' .. int(u.output) end
-  if present(u.total) then p[#p + 1] = '"octetsTotal":' .. int(u.total) end
-  if present(u.units) then p[#p + 1] = '"units":' .. int(u.units) end
+  local v = u.time
+  if v and v ~= null then p[#p + 1] = '"time":' .. int(v) end
+  v = u.input
+  if v and v ~= null then p[#p + 1] = '"octetsIn":' .. int(v) end
+  v = u.output
+  if v and v ~= null then p[#p + 1] = '"octetsOut":' .. int(v) end
+  v = u.total
+  if v and v ~= null then p[#p + 1] = '"octetsTotal":' .. int(v) end
+  v = u.units
+  if v and v ~= null then p[#p + 1] = '"units":' .. int(v) end
   return '{' .. concat(p, ',') .. '}'
 end
 
 -- one usage / event / refund record for one MSCC; `usage` is a Units table
 local function rated_record(cdr_key, record_type, rec, m, s, usage, amount, taken)
-  local p = { record_head(rec, int(m.rating_group), record_type), ',"ratingGroup":', int(m.rating_group) }
+  local rg = int(m.rating_group)
+  local service, reason = '', ''
   if present(m.service_id) then
-    p[#p + 1] = ',"serviceIdentifier":' .. int(m.service_id)
+    service = ',"serviceIdentifier":' .. int(m.service_id)
   end
-  p[#p + 1] = ',"usage":' .. usage_json(usage) .. ',"amount":' .. int(amount) .. ',"currency":'
-    .. encode(s.currency) .. ',"bucket":' .. buckets_json(taken) .. ',"ratingVersion":' .. encode(s.version)
   if present(m.reporting_reason) then
-    p[#p + 1] = ',"reportingReason":' .. int(m.reporting_reason)
+    reason = ',"reportingReason":' .. int(m.reporting_reason)
   end
-  p[#p + 1] = '}'
-  call('XADD', cdr_key, '*', 'r', concat(p))
+  call('XADD', cdr_key, '*', 'r', rec.head .. rg .. '","recordType":"' .. record_type .. '"' .. rec.tail
+    .. ',"ratingGroup":' .. rg .. service .. ',"usage":' .. usage_json(usage) .. ',"amount":' .. int(amount)
+    .. ',"currency":' .. encode(s.currency) .. ',"bucket":' .. buckets_json(taken) .. ',"ratingVersion":'
+    .. encode(s.version) .. reason .. '}')
 end
 
 local function close_record(cdr_key, rec, cause, currency)
-  call('XADD', cdr_key, '*', 'r', record_head(rec, 'close', 'close') .. ',"causeForRecClosing":'
-    .. encode(cause) .. ',"amount":0,"currency":' .. encode(currency) .. '}')
+  call('XADD', cdr_key, '*', 'r', rec.head .. 'close","recordType":"close"' .. rec.tail
+    .. ',"causeForRecClosing":' .. encode(cause) .. ',"amount":0,"currency":' .. encode(currency) .. '}')
 end

@@ -51,8 +51,8 @@ if action == 0 and sub[3] ~= 'active' then
   return outcome_json(4010, nil, e2e)
 end
 
-local rec = { session_id = req.session_id, n = req.request_number, now = now,
-  static = cdr_static(req.msisdn, sub[4], req.session_id, req.origin_host, req.context, now) }
+local rec = record_parts(cdr_static(req.msisdn, sub[4], req.session_id, req.origin_host, req.context, now),
+  req.session_id, req.request_number, now)
 
 local function usage_of(unit, units)
   if unit == 'bytes' then
