@@ -262,7 +262,8 @@ class RecordingStore(BalanceStore):
         self.key_lists: list[tuple[str, tuple[str, ...]]] = []
 
     def _enqueue(self, function, keys, args, extra=()):
-        self.key_lists.append((function, tuple(keys)))
+        if function:  # "" = a plain command (index GET) riding in the pipeline, outside the partitions
+            self.key_lists.append((function, tuple(keys)))
         return super()._enqueue(function, keys, args, extra)
 
 
