@@ -17,6 +17,7 @@ run: $(STAMP)
 	$(BIN)/ocs serve --demo
 
 test: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)

@@ -1,7 +1,7 @@
 """Throughput of BalanceStore.charge: sequential calls vs concurrent calls batched per event-loop tick.
 
 Each measured call is a CCR-U that commits used units and reserves a new grant (the common Gy case: one
-EVALSHA of charge.lua with an XADD to the CDR stream). Sessions are opened with CCR-I first, outside the
+FCALL of the charge function with an XADD to the CDR stream). Sessions are opened with CCR-I first, outside the
 measurement.
 
     .venv/bin/python benchmarks/lua_bench.py                      # embedded Valkey, durable (fsync always)
