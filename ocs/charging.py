@@ -11,6 +11,7 @@ answer is the same and nothing is debited twice. Nothing here touches sockets or
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -206,13 +207,16 @@ class CreditControl:
     async def answer(self, message: Message) -> bytes:
         """The CCA for one CCR (never raises: every failure becomes a Diameter answer)."""
         request_type = None
+        started = time.perf_counter()
         try:
             self._check_required(message)
             request_type = message.get("CC-Request-Type")
             outcome, location = await self._charge(message, request_type)
+            answer = self._encode(message, outcome, location)
             if self.metrics is not None:
                 self.metrics.observe_answer(request_type, outcome.result_code)
-            return self._encode(message, outcome, location)
+                self.metrics.observe_latency(time.perf_counter() - started)
+            return answer
         except RequestRejected as rejected:
             if self.metrics is not None:
                 self.metrics.observe_answer(request_type, rejected.result_code)
@@ -302,7 +306,10 @@ class CreditControl:
                 termination_cause=message.get("Termination-Cause"),
                 context=context,
             )
+            charge_started = time.perf_counter()
             outcome = await self.store.charge(request)
+            if self.metrics is not None:
+                self.metrics.observe_redis(time.perf_counter() - charge_started)
             if outcome.stale_plan is None:
                 break
             self.store.forget(msisdn=location.msisdn, session_id=session_id)

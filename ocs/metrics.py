@@ -33,6 +33,7 @@ class Metrics:
         self.cdr_records = Counter("ocs_cdr_records_written", "CDR records written to files",
                                    registry=self.registry)
         self._answer_children: dict[tuple, object] = {}
+        self._ccr_latency = self.latency.labels("CCR")
 
     def observe_answer(self, request_type: int | None, result_code: int, command: str = "CCR") -> None:
         key = (command, request_type, result_code)
@@ -41,6 +42,12 @@ class Metrics:
             child = self.requests.labels(command, REQUEST_TYPES.get(request_type, "unknown"), str(result_code))
             self._answer_children[key] = child
         child.inc()
+
+    def observe_latency(self, seconds: float) -> None:
+        self._ccr_latency.observe(seconds)
+
+    def observe_redis(self, seconds: float) -> None:
+        self.redis_latency.observe(seconds)
 
     def serve(self, host: str, port: int) -> None:
         start_http_server(port, addr=host, registry=self.registry)

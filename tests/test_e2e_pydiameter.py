@@ -245,3 +245,21 @@ async def test_unknown_subscriber_and_unknown_session(server: ServerApp):
     unknown_user, unknown_session = await asyncio.to_thread(flow)
     assert unknown_user.result_code == 5030
     assert unknown_session.result_code == 5002
+
+
+async def test_metrics_count_answers_and_latency(server: ServerApp):
+    from prometheus_client import generate_latest
+
+    client = BlockingDiameterClient(server.port)
+
+    def flow():
+        client.cer()
+        client.ccr("pgw.pyd.test;4;1", E_CC_REQUEST_TYPE_INITIAL_REQUEST, 0, [
+            MultipleServicesCreditControl(requested_service_unit=RequestedServiceUnit(), rating_group=DATA_RG)])
+        client.close()
+
+    await asyncio.to_thread(flow)
+    text = generate_latest(server.metrics.registry).decode()
+    assert 'ocs_diameter_requests_total{command="CCR",result="2001",type="initial"} 1.0' in text
+    assert 'ocs_request_latency_seconds_count{command="CCR"} 1.0' in text
+    assert "ocs_redis_call_latency_seconds_count 1.0" in text
