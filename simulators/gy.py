@@ -46,6 +46,7 @@ class GyClientProtocol(asyncio.Protocol):
         self.pending: dict[int, asyncio.Future[Message]] = {}
         self.transport: asyncio.Transport | None = None
         self.closed = asyncio.get_running_loop().create_future()
+        self.disconnect_causes: list[int] = []  # Disconnect-Cause of every DPR the server sent
         self._hop = itertools.count(int.from_bytes(os.urandom(3), "big") << 8)
         self._e2e = itertools.count((int(time.time()) & 0xFFF) << 20)
 
@@ -70,6 +71,7 @@ class GyClientProtocol(asyncio.Protocol):
                         ("Result-Code", 2001), ("Origin-Host", self.origin_host),
                         ("Origin-Realm", self.origin_realm)]))
                 elif message.command_code == DPR:
+                    self.disconnect_causes.append(message.get("Disconnect-Cause"))
                     self.transport.write(encode_answer(message, [
                         ("Result-Code", 2001), ("Origin-Host", self.origin_host),
                         ("Origin-Realm", self.origin_realm)]))

@@ -27,7 +27,6 @@ from simulators.gy import (
     FLAG_REQUEST,
     SimulationSettings,
     ccr_avps,
-    close_client,
     open_client,
 )
 
@@ -91,16 +90,21 @@ async def test_kill_mid_session_then_continue(valkey_url, tmp_path):
         for number in (3, 4):
             assert (await send(client, 2, number, used[number - 1])).get("Result-Code") == 2001
         assert (await send(client, 3, 5, used[4])).get("Result-Code") == 2001
-        await close_client(client)
         # the new process takes the dead writer's partitions over once its lease expires, then drains
         stream = f"cdr:{{p{store.partition_for(MSISDN):03d}}}"
         deadline = time.time() + 20
         while await store.redis.xlen(stream) and time.time() < deadline:
             await asyncio.sleep(0.2)
         assert await store.redis.xlen(stream) == 0
+        # graceful stop with the gateway still connected: DPR (REBOOTING), then the process exits 0
+        server.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(client.closed, 10)
+        assert client.disconnect_causes == [0]
+        assert server.wait(timeout=30) == 0
     finally:
-        server.send_signal(signal.SIGTERM)  # graceful: flushes the CDR files
-        server.wait(timeout=30)
+        if server.poll() is None:
+            server.send_signal(signal.SIGTERM)  # graceful: flushes the CDR files
+            server.wait(timeout=30)
 
     expected = sum(amount_for_units(data, u) for u in used)
     money = {b.bucket: b for b in await store.balances(MSISDN)}["money"]
