@@ -44,9 +44,14 @@ class ChargeRequest(msgspec.Struct, omit_defaults=True):
     msccs: list[MsccCharge] = []
     requested_action: int | None = None  # EVENT only
     origin_host: str = ""
+    origin_realm: str = ""  # with origin_host: where a RAR/ASR for the session goes (Destination-Host/-Realm)
+    peer: str = ""  # Origin-Host of the connected peer the request came through ("" = origin_host)
     end_to_end: int = 0
     termination_cause: int | None = None
     context: dict = {}  # static CDR fields stored at CCR-I (servedIMSI, apn, chargingID, ...)
+    # units outside MSCC (plain RFC 4006 client): the one MSCC's result is the command's, and a failure closes
+    # the session
+    command_level: bool = False
 
 
 class MsccOutcome(msgspec.Struct, omit_defaults=True):

@@ -31,9 +31,9 @@ from balances.model import (
 )
 from balances.store import BalanceStore
 from ocs.clock import Clock
-from protocol.codec import Avp, Message, encode_answer, encode_avp
+from protocol.codec import Avp, DecodeError, Message, encode_answer, encode_avp
 from protocol.dictionary import lookup
-from ratecards.schedule import RatingSchedule
+from ratecards.schedule import ANSWER_ONLY_FIELDS, REDIRECT, RESTRICT_ACCESS, RatingSchedule
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,16 @@ CURRENCY_CODES = {"EUR": 978, "USD": 840, "GBP": 826, "CHF": 756, "SEK": 752, "N
 UNIT_FIELD = {"bytes": "total", "seconds": "time", "events": "units"}
 UNIT_AVP = {"time": "CC-Time", "total": "CC-Total-Octets", "input": "CC-Input-Octets",
             "output": "CC-Output-Octets", "units": "CC-Service-Specific-Units"}
+# Service-Context-Id (digest §3.6, §8.14): the last label before "@", with the domain
+KNOWN_SERVICE_CONTEXTS = frozenset({
+    ("32251", "3gpp.org"),  # PS domain (Gy)
+    ("32260", "3gpp.org"),  # IMS
+    ("32270", "3gpp.org"),  # MMS
+    ("32274", "3gpp.org"),  # SMS
+    ("32275", "3gpp.org"),  # MMTel
+    ("32276", "3gpp.org"),  # VCS
+})
+IMEISV = 0  # User-Equipment-Info-Type
 CAUSES = {1: "normalRelease", 2: "abnormalRelease", 3: "abnormalRelease", 4: "managementIntervention",
           5: "abnormalRelease", 6: "timeLimit", 7: "abnormalRelease", 8: "timeLimit"}
 
@@ -103,6 +113,107 @@ def invalid_avp(avp: Avp, message: str) -> RequestRejected:
     return RequestRejected(INVALID_AVP_VALUE, bytes(avp.raw), message)
 
 
+def service_context_known(context: str) -> bool:
+    """`[[[ext.]MNC.MCC.]release.]32251@3gpp.org` → ("32251", "3gpp.org"), looked up in the known set."""
+    local, at, domain = context.rpartition("@")
+    if not at:
+        return False
+    return (local.rpartition(".")[2], domain.lower()) in KNOWN_SERVICE_CONTEXTS
+
+
+def imeisv_digits(value: Any) -> str | None:
+    """IMEISV as digits from 8 TBCD octets (low nibble first, 0xF filler) or 14-16 ASCII digits; None when
+    it is neither (some gateways send a placeholder such as b"IMEISV": recorded as absent, never rejected)."""
+    if isinstance(value, str):
+        value = value.encode("utf-8", "replace")
+    if not isinstance(value, bytes | bytearray):
+        return None
+    if 14 <= len(value) <= 16 and value.isdigit():
+        return value.decode("ascii")
+    if len(value) != 8:
+        return None
+    digits = []
+    for octet in value:
+        for nibble in (octet & 0x0F, octet >> 4):
+            if nibble == 0x0F:
+                return "".join(digits) if len(digits) >= 14 else None
+            if nibble > 9:
+                return None
+            digits.append(chr(48 + nibble))
+    return "".join(digits)
+
+
+def _imeisv(message: Message) -> str | None:
+    """The IMEISV of User-Equipment-Info (or RFC 8506 User-Equipment-Info-Extension, or PS-Information's
+    3GPP-IMEISV); a malformed value is ignored, never answered 5004 (digest §8.13)."""
+    try:
+        for info in message.find_all("User-Equipment-Info"):
+            if info.get("User-Equipment-Info-Type") == IMEISV:
+                digits = imeisv_digits(info.get("User-Equipment-Info-Value"))
+                if digits:
+                    return digits
+        extension = message.find("User-Equipment-Info-Extension")
+        if extension is not None:
+            digits = imeisv_digits(extension.get("User-Equipment-Info-IMEISV"))
+            if digits:
+                return digits
+    except DecodeError:
+        return None
+    return None
+
+
+class QuotaAvps:
+    """The constant quota-control AVPs of one plan × rating group, encoded once (RatingSchedule fields).
+
+    An MSCC is GSU, Service-Identifier, Rating-Group, Validity-Time, Result-Code, FUI, thresholds,
+    Quota-Holding-Time, Trigger (TS 32.299 order); only GSU, the ids and Result-Code change per request.
+    """
+
+    __slots__ = ("validity", "final_validity", "action", "fui", "thresholds", "tail")
+
+    def __init__(self, s: RatingSchedule) -> None:
+        self.validity = encode_avp("Validity-Time", s.validity_time) if s.validity_time else b""
+        self.final_validity = encode_avp("Validity-Time", s.final_validity_time) if s.final_validity_time else b""
+        self.action = s.final_unit_action
+        self.fui = encode_avp("Final-Unit-Indication", _fui_avps(s))
+        thresholds = []  # (the GSU fields that arm it, the AVP)
+        if s.time_quota_threshold:
+            thresholds.append((("time",), encode_avp("Time-Quota-Threshold", s.time_quota_threshold)))
+        if s.volume_quota_threshold:
+            thresholds.append((("total", "input", "output"),
+                               encode_avp("Volume-Quota-Threshold", s.volume_quota_threshold)))
+        if s.unit_quota_threshold:
+            thresholds.append((("units",), encode_avp("Unit-Quota-Threshold", s.unit_quota_threshold)))
+        self.thresholds = tuple(thresholds)
+        tail = b""
+        if s.quota_holding_time is not None:
+            tail += encode_avp("Quota-Holding-Time", s.quota_holding_time)
+        if s.triggers is not None:
+            tail += encode_avp("Trigger", [("Trigger-Type", t) for t in s.triggers])
+        self.tail = tail
+
+    def final_unit_indication(self, action: int) -> bytes:
+        """The schedule's FUI, or a bare one when a stored outcome names another action (card changed)."""
+        if action == self.action:
+            return self.fui
+        return encode_avp("Final-Unit-Indication", [("Final-Unit-Action", action)])
+
+    def armed_thresholds(self, granted: Units) -> list[bytes]:
+        return [avp for fields, avp in self.thresholds if any(getattr(granted, f) is not None for f in fields)]
+
+
+def _fui_avps(s: RatingSchedule) -> list:
+    """Final-Unit-Indication ::= {Final-Unit-Action} *[Restriction-Filter-Rule] *[Filter-Id] [Redirect-Server]"""
+    avps: list = [("Final-Unit-Action", s.final_unit_action)]
+    if s.final_unit_action == RESTRICT_ACCESS:
+        avps.extend(("Restriction-Filter-Rule", rule) for rule in s.restriction_filter_rules)
+        avps.extend(("Filter-Id", name) for name in s.filter_ids)
+    elif s.final_unit_action == REDIRECT and s.redirect_address:
+        avps.append(("Redirect-Server", [("Redirect-Address-Type", s.redirect_address_type),
+                                         ("Redirect-Server-Address", s.redirect_address)]))
+    return avps
+
+
 def _units(group: Avp | None) -> Units | None:
     if group is None:
         return None
@@ -132,10 +243,12 @@ def _sum_units(groups: list[Avp]) -> tuple[Units | None, int | None]:
 
 
 def _context(message: Message, imsi: str | None) -> dict[str, Any]:
-    """Static CDR fields taken from the CCR-I (TS 32.298 names)."""
-    context: dict[str, Any] = {"originHost": message.get("Origin-Host") or ""}
+    """Static CDR fields taken from the CCR-I or CCR-E (TS 32.298 names)."""
+    context: dict[str, Any] = {"originHost": message.get("Origin-Host") or "",
+                               "serviceContextId": message.get("Service-Context-Id") or ""}
     if imsi:
         context["servedIMSI"] = imsi
+    imeisv = _imeisv(message)
     info = message.find("Service-Information")
     ps = info.find("PS-Information") if info is not None else None
     if ps is not None:
@@ -158,11 +271,25 @@ def _context(message: Message, imsi: str | None) -> dict[str, Any]:
             imsi_ps = ps.get("3GPP-IMSI")
             if imsi_ps:
                 context["servedIMSI"] = imsi_ps
+        if imeisv is None:
+            try:
+                imeisv = imeisv_digits(ps.get("3GPP-IMEISV"))
+            except DecodeError:
+                imeisv = None
+    if imeisv:
+        context["servedIMEISV"] = imeisv
     if "apn" not in context:
         apn = message.get("Called-Station-Id")
         if apn:
             context["apn"] = apn
     return context
+
+
+def _script_schedule(s: RatingSchedule) -> dict:
+    schedule = msgspec.to_builtins(s)
+    for name in ANSWER_ONLY_FIELDS:
+        schedule.pop(name, None)
+    return schedule
 
 
 class CreditControl:
@@ -179,6 +306,8 @@ class CreditControl:
         clock: Clock | None = None,
         metrics: Any = None,
         unknown_session_termination_result: int = UNKNOWN_SESSION_ID,
+        cc_session_failover: int | None = None,
+        accept_unknown_service_context: bool = False,
     ) -> None:
         self.origin_host = origin_host
         self.origin_realm = origin_realm
@@ -186,15 +315,22 @@ class CreditControl:
         self.clock = clock or Clock()
         self.metrics = metrics
         self.unknown_session_termination_result = unknown_session_termination_result
+        # CC-Session-Failover sent in every CCA (1 FAILOVER_SUPPORTED: sessions live in Redis, any process
+        # may continue them); None sends none (RFC 4006 default: not supported)
+        self.cc_session_failover = cc_session_failover
+        # a Service-Context-Id outside KNOWN_SERVICE_CONTEXTS: 5031 RATING_FAILED, or accepted when True
+        self.accept_unknown_service_context = accept_unknown_service_context
         self.default_rating_groups = dict(default_rating_groups or {})
         self._identity = [("Origin-Host", origin_host), ("Origin-Realm", origin_realm)]
         self.set_plans(plans)
 
     def set_plans(self, plans: Mapping[str, Mapping[int, RatingSchedule]]) -> None:
-        """Compiled schedules, kept as the dicts the charge script takes (built once per plan × RG)."""
+        """Compiled schedules, kept as the dicts the charge script takes (without the fields only the answer
+        needs), and their constant quota-control AVPs encoded: both built once per plan × RG."""
         self._schedules = {
-            plan: {rg: msgspec.to_builtins(s) for rg, s in groups.items()} for plan, groups in plans.items()
+            plan: {rg: _script_schedule(s) for rg, s in groups.items()} for plan, groups in plans.items()
         }
+        self._quota = {plan: {rg: QuotaAvps(s) for rg, s in groups.items()} for plan, groups in plans.items()}
         self._currency = {
             plan: next(iter(groups.values())).currency if groups else "EUR" for plan, groups in plans.items()
         }
@@ -204,14 +340,16 @@ class CreditControl:
 
     # ---- entry point -------------------------------------------------------------------------------------
 
-    async def answer(self, message: Message) -> bytes:
-        """The CCA for one CCR (never raises: every failure becomes a Diameter answer)."""
+    async def answer(self, message: Message, peer: str | None = None) -> bytes:
+        """The CCA for one CCR (never raises: every failure becomes a Diameter answer). `peer` is the
+        Origin-Host of the connection it came on: with the CCR's Origin-Host it is recorded as the session's
+        owner, where RAR/ASR go."""
         request_type = None
         started = time.perf_counter()
         try:
             self._check_required(message)
             request_type = message.get("CC-Request-Type")
-            outcome, location = await self._charge(message, request_type)
+            outcome, location = await self._charge(message, request_type, peer)
             answer = self._encode(message, outcome, location)
             if self.metrics is not None:
                 self.metrics.observe_answer(request_type, outcome.result_code)
@@ -225,7 +363,7 @@ class CreditControl:
             log.warning("Redis unavailable while answering %s: %s", message.session_id, exc)
             if self.metrics is not None:
                 self.metrics.observe_answer(request_type, TOO_BUSY)
-            return self._reject(message, RequestRejected(TOO_BUSY, message="balance store unavailable"))
+            return self._too_busy(message)
         except Exception:
             log.exception("unexpected failure answering CCR %s", message.session_id)
             if self.metrics is not None:
@@ -251,6 +389,13 @@ class CreditControl:
             if action.value not in (0, 1, 2, 3):
                 raise invalid_avp(action, "Requested-Action must be 0..3")
 
+    def _check_service_context(self, message: Message) -> None:
+        """5031 RATING_FAILED with Failed-AVP for a service we cannot rate (digest §3.6); checked when a
+        session opens and for events, not on every update."""
+        context = message.find("Service-Context-Id")
+        if not self.accept_unknown_service_context and not service_context_known(str(context.value)):
+            raise RequestRejected(RATING_FAILED, bytes(context.raw), f"unknown Service-Context-Id {context.value}")
+
     # ---- charging ----------------------------------------------------------------------------------------
 
     async def _locate_subscriber(self, message: Message) -> tuple[Location, str | None]:
@@ -275,20 +420,22 @@ class CreditControl:
             raise RequestRejected(USER_UNKNOWN, message="subscriber unknown")
         return location, imsi
 
-    async def _charge(self, message: Message, request_type: int) -> tuple[ChargeOutcome, Location | None]:
+    async def _charge(self, message: Message, request_type: int,
+                      peer: str | None = None) -> tuple[ChargeOutcome, Location | None]:
         session_id = message.session_id
         request_number = message.get("CC-Request-Number")
         context: dict[str, Any] = {}
         if request_type in (INITIAL, EVENT):
+            self._check_service_context(message)
             location, imsi = await self._locate_subscriber(message)
-            if request_type == INITIAL:
-                context = _context(message, imsi)
+            context = _context(message, imsi)
         else:
             location = await self.store.locate_session(session_id)
             if location is None:
                 if request_type == TERMINATION:
                     raise RequestRejected(self.unknown_session_termination_result, message="session unknown")
                 raise RequestRejected(UNKNOWN_SESSION_ID, message="session unknown")
+        command_level = not message.find_all("Multiple-Services-Credit-Control")
         for _attempt in range(2):
             msccs, rating_failures = self._msccs(message, location.plan, request_type)
             request = ChargeRequest(
@@ -302,9 +449,12 @@ class CreditControl:
                 msccs=msccs,
                 requested_action=message.get("Requested-Action"),
                 origin_host=message.get("Origin-Host") or "",
+                origin_realm=message.get("Origin-Realm") or "",
+                peer=peer or "",
                 end_to_end=message.end_to_end,
                 termination_cause=message.get("Termination-Cause"),
                 context=context,
+                command_level=command_level and bool(msccs),
             )
             charge_started = time.perf_counter()
             outcome = await self.store.charge(request)
@@ -330,8 +480,10 @@ class CreditControl:
             # plain RFC 4006 client: command-level units on the plan's default rating group
             requested = message.find("Requested-Service-Unit")
             used = message.find_all("Used-Service-Unit")
-            if requested is None and not used and request_type != EVENT:
+            if requested is None and not used and request_type not in (EVENT, UPDATE):
                 return charges, failures
+            # a CCR-U without units still goes to the charge script: for a redirected or restricted client it
+            # is the request for units after the Validity-Time (RFC 4006 §5.6.3); otherwise it changes nothing
             rating_group = self.default_rating_groups.get(plan)
             schedule = schedules.get(rating_group) if rating_group is not None else None
             if schedule is None:
@@ -388,10 +540,20 @@ class CreditControl:
         request_number = message.get("CC-Request-Number")
         if request_number is not None:
             avps.append(("CC-Request-Number", request_number))
+        if self.cc_session_failover is not None:
+            avps.append(("CC-Session-Failover", self.cc_session_failover))
         return avps
 
     def _trailer(self, message: Message) -> list:
         return [bytes(p.raw) for p in message.find_all("Proxy-Info")]
+
+    def _too_busy(self, message: Message) -> bytes:
+        """3004 as a protocol error (E bit, generic answer, RFC 6733 §7.2): the gateway's CCFH decides
+        whether to retry elsewhere; a retry of a request that did commit is a duplicate and changes nothing."""
+        avps: list = [("Session-Id", message.session_id)] if message.session_id is not None else []
+        avps += [*self._identity, ("Result-Code", TOO_BUSY), ("Error-Message", "balance store unavailable"),
+                 *self._trailer(message)]
+        return encode_answer(message, avps, error=True)
 
     def _reject(self, message: Message, rejected: RequestRejected) -> bytes:
         avps = self._header_avps(message, rejected.result_code)
@@ -407,20 +569,32 @@ class CreditControl:
         failed: list[bytes] = []
         command_level = not message.find_all("Multiple-Services-Credit-Control")
         plan = location.plan if location is not None else ""
+        quotas = self._quota.get(plan, {})
+        session = message.get("CC-Request-Type") != EVENT  # an event gets units, never quota control
         if command_level:
-            # RFC 4006 form: units, FUI and cost at command level
+            # RFC 4006 form: GSU, Cost-Information, FUI and Validity-Time at command level (no 3GPP thresholds,
+            # holding time or triggers: they live in MSCC only)
             for mscc in outcome.msccs:
+                quota = quotas.get(mscc.rating_group) if session and mscc.result_code == SUCCESS else None
                 if mscc.granted is not None:
                     avps.append(("Granted-Service-Unit", self._unit_avps(mscc.granted)))
-                if mscc.final_unit_action is not None:
-                    avps.append(("Final-Unit-Indication", [("Final-Unit-Action", mscc.final_unit_action)]))
                 if mscc.cost is not None:
                     avps.append(("Cost-Information", self._cost(mscc.cost, plan)))
+                if mscc.final_unit_action is not None:
+                    avps.append(quota.final_unit_indication(mscc.final_unit_action) if quota is not None
+                                else encode_avp("Final-Unit-Indication",
+                                                [("Final-Unit-Action", mscc.final_unit_action)]))
+                if quota is not None:
+                    validity = quota.validity if mscc.granted is not None else (
+                        quota.final_validity if mscc.final_unit_action is not None else b"")
+                    if validity:
+                        avps.append(validity)
                 if mscc.result_code != SUCCESS and outcome.result_code == SUCCESS:
                     avps[1] = ("Result-Code", mscc.result_code)
         else:
             for mscc in outcome.msccs:
-                avps.append(("Multiple-Services-Credit-Control", self._mscc_avps(mscc)))
+                quota = quotas.get(mscc.rating_group) if session and mscc.result_code == SUCCESS else None
+                avps.append(("Multiple-Services-Credit-Control", self._mscc_avps(mscc, quota)))
                 if mscc.result_code == RATING_FAILED:
                     failed.append(encode_avp("Rating-Group", mscc.rating_group))
             costs = [m.cost for m in outcome.msccs if m.cost is not None]
@@ -438,16 +612,36 @@ class CreditControl:
         return [(UNIT_AVP[field], value) for field, value in msgspec.structs.asdict(units).items()
                 if value is not None]
 
-    def _mscc_avps(self, mscc: MsccOutcome) -> list:
+    def _mscc_avps(self, mscc: MsccOutcome, quota: QuotaAvps | None) -> list:
+        """One answer MSCC. `quota` (a 2001 MSCC of a session) adds the rate card's quota control: with a
+        grant its Validity-Time, thresholds (not with final units: nothing more to ask for), holding time and
+        triggers; without a grant but with final_unit_action (REDIRECT/RESTRICT_ACCESS, the units are used)
+        the Validity-Time of the restricted state and the FUI, so the gateway keeps redirecting."""
         avps: list = []
-        if mscc.granted is not None:
-            avps.append(("Granted-Service-Unit", self._unit_avps(mscc.granted)))
+        granted = mscc.granted
+        if granted is not None:
+            avps.append(("Granted-Service-Unit", self._unit_avps(granted)))
         if mscc.service_id is not None:
             avps.append(("Service-Identifier", mscc.service_id))
         avps.append(("Rating-Group", mscc.rating_group))
+        if quota is None:
+            avps.append(("Result-Code", mscc.result_code))
+            if mscc.final_unit_action is not None:
+                avps.append(("Final-Unit-Indication", [("Final-Unit-Action", mscc.final_unit_action)]))
+            return avps
+        if granted is not None:
+            if quota.validity:
+                avps.append(quota.validity)
+        elif mscc.final_unit_action is not None and quota.final_validity:
+            avps.append(quota.final_validity)
         avps.append(("Result-Code", mscc.result_code))
         if mscc.final_unit_action is not None:
-            avps.append(("Final-Unit-Indication", [("Final-Unit-Action", mscc.final_unit_action)]))
+            avps.append(quota.final_unit_indication(mscc.final_unit_action))
+        if granted is not None:
+            if mscc.final_unit_action is None and quota.thresholds:
+                avps.extend(quota.armed_thresholds(granted))
+            if quota.tail:
+                avps.append(quota.tail)
         return avps
 
     def _cost(self, micro: int, plan: str) -> list:

@@ -37,6 +37,13 @@ class DiameterConfig(msgspec.Struct, forbid_unknown_fields=True):
     unknown_mandatory_vendor_allowlist: list[int] = msgspec.field(default_factory=list)
     # answer to a CCR-T for a session we do not know (digest §8.2): 5002 or 2001
     unknown_session_termination_result: int = 5002
+    # CC-Session-Failover FAILOVER_SUPPORTED in every CCA: session state is in Redis, any OCS process of the
+    # cluster continues a session (RFC 4006 §5.7)
+    cc_session_failover: bool = True
+    # lease of this process's entry in the peer registry (peer → process), refreshed every third of it
+    peer_lease_seconds: float = 30.0
+    # how long a RAR/ASR waits for its RAA/ASA (and `ocs session reauth|abort` for the result)
+    answer_timeout_seconds: float = 5.0
 
 
 class RedisConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -46,6 +53,8 @@ class RedisConfig(msgspec.Struct, forbid_unknown_fields=True):
     embedded_port: int = 6390
     # warn at start when the server is configured less safely than this
     require_appendfsync_always: bool = True
+    # bound of one balance-store call: past it the CCR is answered 3004 DIAMETER_TOO_BUSY at once
+    call_timeout_ms: int = 1000
 
 
 class ChargingConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -54,6 +63,15 @@ class ChargingConfig(msgspec.Struct, forbid_unknown_fields=True):
     default_quota_bytes: int = 0
     default_quota_seconds: int = 0
     default_quota_events: int = 0
+    # a CCR-I/CCR-E whose Service-Context-Id is not a known 3GPP one (32251, 32260, 32270, 32274, 32275, 32276
+    # @3gpp.org, any prefix) is answered 5031 RATING_FAILED unless this is true (digest §3.6)
+    accept_unknown_service_context: bool = False
+    # session supervision (RFC 4006 Tcc): a session silent for 2 x its Validity-Time, within these bounds, is
+    # closed (reservations released, CDR "sessionTimeout"); the default applies when it has no Validity-Time
+    tcc_min_seconds: int = 60
+    tcc_max_seconds: int = 14_400
+    tcc_default_seconds: int = 7_200
+    supervision_interval_seconds: float = 10.0
 
 
 class CdrConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -62,6 +80,13 @@ class CdrConfig(msgspec.Struct, forbid_unknown_fields=True):
     rotate_records: int = 100_000
     rotate_seconds: float = 300.0
     lease_ms: int = 10_000  # a writer that dies hands its partitions over after this long
+
+
+class OverloadConfig(msgspec.Struct, forbid_unknown_fields=True):
+    # CCRs in flight in this process at which new sessions (CCR-I) and events (CCR-E) are answered 3004
+    new_sessions_max_in_flight: int = 2_000
+    # CCRs in flight at which every CCR, updates and terminations too, is answered 3004
+    max_in_flight: int = 5_000
 
 
 class MetricsConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -75,6 +100,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     redis: RedisConfig = msgspec.field(default_factory=RedisConfig)
     charging: ChargingConfig = msgspec.field(default_factory=ChargingConfig)
     cdr: CdrConfig = msgspec.field(default_factory=CdrConfig)
+    overload: OverloadConfig = msgspec.field(default_factory=OverloadConfig)
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
 
     @property
@@ -169,6 +195,18 @@ def _check(config: Config) -> None:
         ("redis://", "rediss://", "unix://", "valkey://")
     ):
         raise ConfigError(f"redis.url must be a redis:// or unix:// URL, got {config.redis.url!r}")
+    if config.redis.call_timeout_ms < 1:
+        raise ConfigError(f"redis.call_timeout_ms must be at least 1, got {config.redis.call_timeout_ms}")
+    if d.peer_lease_seconds < 1 or d.answer_timeout_seconds <= 0:
+        raise ConfigError("diameter.peer_lease_seconds must be at least 1 and answer_timeout_seconds positive")
+    c = config.charging
+    if not 1 <= c.tcc_min_seconds <= c.tcc_max_seconds or c.tcc_default_seconds < 1:
+        raise ConfigError("charging.tcc_min_seconds must be 1..tcc_max_seconds and tcc_default_seconds at least 1")
+    if c.supervision_interval_seconds <= 0:
+        raise ConfigError("charging.supervision_interval_seconds must be positive")
+    o = config.overload
+    if not 1 <= o.new_sessions_max_in_flight <= o.max_in_flight:
+        raise ConfigError("overload.new_sessions_max_in_flight must be 1..overload.max_in_flight")
     if not 0 <= config.metrics.port <= 65535:
         raise ConfigError(f"metrics.port must be 0..65535, got {config.metrics.port}")
     for name in ("default_quota_bytes", "default_quota_seconds", "default_quota_events"):

@@ -1,7 +1,8 @@
 """Parse, validate and compile rate cards into integer `RatingSchedule`s.
 
 Theory of operation: TOML text → `tomllib` (syntax errors keep their line) → msgspec, plan by plan (type
-errors name the plan and key) → semantic checks (units, rounding, quotas, allowances, the 2^53 bound) →
+errors name the plan and key) → semantic checks (units, rounding, quotas, allowances, the 2^53 bound, quota
+control: grants per unit type, Validity-Time, thresholds, holding time, triggers, Final-Unit-Indication) →
 `compile_plan`, which prices one increment as an exact reduced fraction of micro-units. Every check runs
 when a card is parsed, so a card that loads can always be compiled. A semantic error names its key and,
 when the key can be found in the text, its line. Reading a file in `load_ratecard` is the only I/O.
@@ -9,6 +10,7 @@ when the key can be found in the text, its line. Reading a file in `load_ratecar
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import tomllib
 from decimal import Decimal, InvalidOperation
@@ -21,14 +23,23 @@ import msgspec
 
 from ratecards.model import (
     FINAL_UNIT_ACTIONS,
+    REDIRECT_ADDRESS_TYPES,
     ROUNDING_MODES,
+    TRIGGER_TYPES,
     UNIT_KINDS,
     Plan,
     Rate,
     RateCard,
     RateCardError,
 )
-from ratecards.schedule import RatingSchedule
+from ratecards.schedule import (
+    PRICED_UNIT_TYPE,
+    REDIRECT,
+    RESTRICT_ACCESS,
+    TERMINATE,
+    UNIT_TYPES,
+    RatingSchedule,
+)
 
 __all__ = [
     "EXACT_LIMIT",
@@ -123,6 +134,7 @@ def _msgspec_error(exc: msgspec.ValidationError, prefix: Path_) -> _Invalid:
         message = "missing required key" if named.group(1) == "missing required" else "unknown key"
     else:
         message = message[0].lower() + message[1:]
+        message = message.replace(" | null", "")  # optional keys: TOML has no null, the key is just left out
         if path and path[-1] == "price" and ("got `float`" in message or "got `int`" in message):
             message += ' (write prices as strings, e.g. price = "0.01", so they stay exact)'
     return _Invalid(tuple(path), message)
@@ -183,6 +195,9 @@ def _check_plan(name: str, plan: Plan) -> dict[int, tuple[int, Rate]]:
         for group in allowance.rating_groups:
             if group not in by_group:
                 raise _Invalid((*where, "rating_groups"), f"rating group {group} has no rate in this plan")
+            if not by_group[group][1].credit_control:
+                raise _Invalid((*where, "rating_groups"), f"rating group {group} is outside credit control "
+                               "(credit_control = false): there is nothing to pay for")
             if by_group[group][1].unit != allowance.unit:
                 raise _Invalid((*where, "unit"), f"{allowance.unit} allowance cannot pay for rating group "
                                f"{group}, which is rated in {by_group[group][1].unit}")
@@ -191,6 +206,7 @@ def _check_plan(name: str, plan: Plan) -> dict[int, tuple[int, Rate]]:
 
 def _price_per_increment(rate: Rate, at: Path_) -> Fraction:
     """price × 10^6 × increment / per micro-units, exact (Decimal → Fraction, no float)."""
+    assert rate.price is not None and rate.per is not None and rate.increment is not None
     try:
         price = Decimal(rate.price.strip())
     except InvalidOperation:
@@ -203,14 +219,175 @@ def _price_per_increment(rate: Rate, at: Path_) -> Fraction:
     return Fraction(price) * MICRO * rate.increment / rate.per
 
 
+# keys that mean nothing for a rating group outside credit control, with their defaults
+_QUOTA_KEYS = {
+    "also_grant": {}, "validity_time": 0, "final_validity_time": None, "time_quota_threshold": 0,
+    "volume_quota_threshold": 0, "unit_quota_threshold": 0, "quota_holding_time": None, "triggers": None,
+    "final_unit_action": "TERMINATE", "redirect_address": None, "filter_id": None,
+    "restriction_filter_rule": None,
+}
+_UNSIGNED32_KEYS = ("validity_time", "final_validity_time", "time_quota_threshold", "volume_quota_threshold",
+                    "unit_quota_threshold", "quota_holding_time")
+# threshold key → the unit types it watches, and what to call them in an error
+_THRESHOLDS = (
+    ("time_quota_threshold", ("time",), "time"),
+    ("volume_quota_threshold", ("total", "input", "output"), "volume (octets)"),
+    ("unit_quota_threshold", ("units",), "service-specific unit"),
+)
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://\S+$")
+_SIP_URI = re.compile(r"^sips?:\S+$")
+_IP_FILTER_RULE = re.compile(r"^(permit|deny)\s+(in|out)\s+\S+\s+from\s+\S.*\s+to\s+\S.*$")
+
+
+def _strings(value: str | list[str] | None) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+def _free_schedule(card: RateCard, rate: Rate, at: Path_) -> RatingSchedule:
+    """A rating group outside credit control: answered 4011, usage recorded at amount 0."""
+    if rate.barred:
+        raise _Invalid((*at, "barred"), "a rating group outside credit control (credit_control = false) "
+                       "cannot also be barred")
+    for key, default in _QUOTA_KEYS.items():
+        if getattr(rate, key) != default:
+            raise _Invalid((*at, key), "has no effect with credit_control = false (no quota is granted)")
+    return RatingSchedule(
+        rating_group=rate.rating_group, unit=rate.unit, increment=1, price_num=0, price_den=1, default_quota=0,
+        max_quota=0, minor=10 ** (6 - card.currency_minor_digits), rounding=card.rounding,
+        money_bucket=MONEY_BUCKET, currency=card.currency, version=card.version, credit_control=False,
+    )
+
+
+def _also_grant(rate: Rate, at: Path_) -> tuple[tuple[str, int, int], ...]:
+    priced = PRICED_UNIT_TYPE[rate.unit]
+    grants = []
+    for name, limit in rate.also_grant.items():
+        where = (*at, "also_grant", name)
+        if name not in UNIT_TYPES:
+            raise _Invalid(where, f"unknown unit type {name!r}: one of {', '.join(UNIT_TYPES)}")
+        if name == priced:
+            raise _Invalid(where, f"{name} is the priced unit of this {rate.unit} rate: "
+                           "set default_quota and max_quota instead")
+        bound = _MAX_UNSIGNED32 if name == "time" else EXACT_LIMIT - 1
+        for key in ("default", "max"):
+            value = getattr(limit, key)
+            if not 0 < value <= bound:
+                raise _Invalid((*where, key), f"must be 1..{bound}, got {value}")
+        if limit.default > limit.max:
+            raise _Invalid((*where, "default"), f"default {limit.default} exceeds max {limit.max}")
+        grants.append((name, limit.default, limit.max))
+    return tuple(sorted(grants, key=lambda g: UNIT_TYPES.index(g[0])))
+
+
+def _quota_control(rate: Rate, at: Path_, also: tuple[tuple[str, int, int], ...]) -> dict[str, Any]:
+    """The quota-control fields of a schedule: Validity-Time, thresholds, holding time, triggers, FUI."""
+    for key in _UNSIGNED32_KEYS:
+        value = getattr(rate, key)
+        if value is not None and not 0 <= value <= _MAX_UNSIGNED32:
+            raise _Invalid((*at, key), f"must be 0..{_MAX_UNSIGNED32} (an Unsigned32), got {value}")
+    defaults = {PRICED_UNIT_TYPE[rate.unit]: rate.default_quota, **{name: d for name, d, _ in also}}
+    for key, types, what in _THRESHOLDS:
+        value = getattr(rate, key)
+        if not value:
+            continue
+        watched = [defaults[t] for t in types if t in defaults]
+        if not watched:
+            raise _Invalid((*at, key), f"needs a {what} grant: a rate in that unit or also_grant."
+                           f"{'/'.join(types)}")
+        if value >= min(watched):
+            raise _Invalid((*at, key), f"{value} is not below the default {what} grant {min(watched)}: "
+                           "the gateway would ask again at once")
+    triggers: tuple[int, ...] | None = None
+    if rate.triggers is not None:
+        known = set(TRIGGER_TYPES.values())
+        values = []
+        for index, trigger in enumerate(rate.triggers):
+            value = TRIGGER_TYPES.get(trigger.upper()) if isinstance(trigger, str) else trigger
+            if value is None or value not in known:
+                raise _Invalid((*at, "triggers", index), f"{trigger!r} is not a Trigger-Type (TS 32.299 "
+                               "AVP 870): a number such as 2 or a name such as \"CHANGE_IN_QOS\"")
+            values.append(value)
+        triggers = tuple(values)
+    fields: dict[str, Any] = dict(
+        validity_time=rate.validity_time, time_quota_threshold=rate.time_quota_threshold,
+        volume_quota_threshold=rate.volume_quota_threshold, unit_quota_threshold=rate.unit_quota_threshold,
+        quota_holding_time=rate.quota_holding_time, triggers=triggers,
+    )
+    if rate.final_unit_action not in FINAL_UNIT_ACTIONS:
+        raise _Invalid((*at, "final_unit_action"),
+                       f"must be one of {', '.join(FINAL_UNIT_ACTIONS)}, got {rate.final_unit_action!r}")
+    action = FINAL_UNIT_ACTIONS[rate.final_unit_action]
+    fields["final_unit_action"] = action
+    if action == REDIRECT:
+        fields.update(_redirect(rate, at))
+    elif rate.redirect_address is not None:
+        raise _Invalid((*at, "redirect_address"), 'is only used with final_unit_action = "REDIRECT"')
+    filters, rules = _strings(rate.filter_id), _strings(rate.restriction_filter_rule)
+    if action == RESTRICT_ACCESS:
+        if not filters and not rules:
+            raise _Invalid((*at, "final_unit_action"), "RESTRICT_ACCESS needs filter_id and/or "
+                           "restriction_filter_rule: what the gateway lets through once credit runs out")
+        for index, name in enumerate(filters):
+            if not name.strip():
+                raise _Invalid((*at, "filter_id"), f"filter id {index} is empty")
+        for rule in rules:
+            if not _IP_FILTER_RULE.match(rule.strip()):
+                raise _Invalid((*at, "restriction_filter_rule"), f"{rule!r} is not an IPFilterRule such as "
+                               "\"permit out ip from any to 10.0.0.1\" (RFC 6733 §4.3)")
+        fields.update(filter_ids=filters, restriction_filter_rules=tuple(r.strip() for r in rules))
+    elif filters or rules:
+        key = "filter_id" if filters else "restriction_filter_rule"
+        raise _Invalid((*at, key), 'is only used with final_unit_action = "RESTRICT_ACCESS"')
+    final_validity = rate.final_validity_time if rate.final_validity_time is not None else rate.validity_time
+    if action == TERMINATE and rate.final_validity_time is not None:
+        raise _Invalid((*at, "final_validity_time"), "is only used with REDIRECT or RESTRICT_ACCESS")
+    if action != TERMINATE and not final_validity:
+        raise _Invalid((*at, "final_unit_action"), f"{rate.final_unit_action} needs validity_time or "
+                       "final_validity_time: how long the gateway keeps the user there before it asks again")
+    fields["final_validity_time"] = final_validity if action != TERMINATE else 0
+    return fields
+
+
+def _redirect(rate: Rate, at: Path_) -> dict[str, Any]:
+    if rate.redirect_address_type not in REDIRECT_ADDRESS_TYPES:
+        raise _Invalid((*at, "redirect_address_type"), f"must be one of {', '.join(REDIRECT_ADDRESS_TYPES)}, "
+                       f"got {rate.redirect_address_type!r}")
+    address = (rate.redirect_address or "").strip()
+    if not address:
+        raise _Invalid((*at, "final_unit_action"), "REDIRECT needs redirect_address (e.g. a top-up URL)")
+    kind = rate.redirect_address_type
+    valid = {
+        "URL": lambda: bool(_URL.match(address)),
+        "SIP_URI": lambda: bool(_SIP_URI.match(address)),
+        "IPV4_ADDRESS": lambda: _is_ip(address, ipaddress.IPv4Address),
+        "IPV6_ADDRESS": lambda: _is_ip(address, ipaddress.IPv6Address),
+    }[kind]()
+    if not valid:
+        raise _Invalid((*at, "redirect_address"), f"{address!r} is not a valid {kind}")
+    return {"redirect_address": address, "redirect_address_type": REDIRECT_ADDRESS_TYPES[kind]}
+
+
+def _is_ip(text: str, kind: type) -> bool:
+    try:
+        kind(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _compile_rate(card: RateCard, rate: Rate, at: Path_, allowances: tuple[str, ...]) -> RatingSchedule:
     if rate.unit not in UNIT_KINDS:
         raise _Invalid((*at, "unit"), f"must be one of {', '.join(UNIT_KINDS)}, got {rate.unit!r}")
     if not rate.service.strip():
         raise _Invalid((*at, "service"), "must not be empty")
-    if rate.final_unit_action not in FINAL_UNIT_ACTIONS:
-        raise _Invalid((*at, "final_unit_action"),
-                       f"must be one of {', '.join(FINAL_UNIT_ACTIONS)}, got {rate.final_unit_action!r}")
+    if not rate.credit_control:
+        return _free_schedule(card, rate, at)
+    for key in ("price", "per", "increment", "default_quota", "max_quota"):
+        if getattr(rate, key) is None:
+            raise _Invalid((*at, key), "missing required key")
+    assert rate.increment is not None and rate.default_quota is not None and rate.max_quota is not None
     price = _price_per_increment(rate, at)
     if rate.default_quota > rate.max_quota:
         raise _Invalid((*at, "default_quota"),
@@ -234,6 +411,7 @@ def _compile_rate(card: RateCard, rate: Rate, at: Path_, allowances: tuple[str, 
     if full_grant * price.denominator >= EXACT_LIMIT:
         raise _Invalid((*at, "price"), f"the cost of a full grant × price_den = {full_grant} × "
                        f"{price.denominator} reaches 2^53: simplify the price, per or increment")
+    also = _also_grant(rate, at)
     return RatingSchedule(
         rating_group=rate.rating_group,
         unit=rate.unit,
@@ -246,9 +424,11 @@ def _compile_rate(card: RateCard, rate: Rate, at: Path_, allowances: tuple[str, 
         rounding=card.rounding,
         money_bucket=MONEY_BUCKET,
         allowances=allowances,
-        final_unit_action=FINAL_UNIT_ACTIONS[rate.final_unit_action],
         currency=card.currency,
         version=card.version,
+        also_grant=also,
+        barred=rate.barred,
+        **_quota_control(rate, at, also),
     )
 
 

@@ -1,7 +1,9 @@
-"""The compiled, integer-only price schedule of one plan × rating group.
+"""The compiled, integer-only price schedule of one plan × rating group, with its quota-control settings.
 
-This is the contract between ratecards (which compiles it) and the charge script in balances (which
-applies it atomically). Everything is an int so Lua and Python compute the same amounts.
+This is the contract between ratecards (which compiles it), the charge script in balances (which applies
+the price and grant fields atomically) and ocs.charging (which encodes the quota-control fields into the CCA
+once per plan × rating group). Money and units are ints so Lua and Python compute the same amounts. Fields
+added later have defaults, so a schedule built in code needs only the price fields.
 """
 
 from __future__ import annotations
@@ -10,20 +12,52 @@ import msgspec
 
 UNIT_KINDS = ("bytes", "seconds", "events")
 ROUNDING_MODES = ("up", "half-up", "half-even", "down")
+# Diameter unit types as named in balances.model.Units (CC-Time, CC-Total/Input/Output-Octets,
+# CC-Service-Specific-Units), and the one each rating unit is charged in
+UNIT_TYPES = ("time", "total", "input", "output", "units")
+PRICED_UNIT_TYPE = {"bytes": "total", "seconds": "time", "events": "units"}
+# Final-Unit-Action (RFC 4006 §8.35) and Redirect-Address-Type (§8.38)
+TERMINATE, REDIRECT, RESTRICT_ACCESS = 0, 1, 2
+REDIRECT_ADDRESS_TYPES = {"IPV4_ADDRESS": 0, "IPV6_ADDRESS": 1, "URL": 2, "SIP_URI": 3}
+
+# the fields only the CCA encoder reads (ocs.charging strips them from what it sends to the charge script)
+ANSWER_ONLY_FIELDS = (
+    "time_quota_threshold", "volume_quota_threshold", "unit_quota_threshold", "quota_holding_time", "triggers",
+    "redirect_address", "redirect_address_type", "filter_ids", "restriction_filter_rules",
+)
 
 
 class RatingSchedule(msgspec.Struct, frozen=True, omit_defaults=True):
     rating_group: int
-    unit: str  # "bytes" | "seconds" | "events": which Diameter unit type is granted and charged
+    unit: str  # "bytes" | "seconds" | "events": which quantity is priced (PRICED_UNIT_TYPE says which AVP)
     increment: int  # billing increment in units (1024 bytes, 60 s, 1 event)
     price_num: int  # price of one increment = price_num / price_den micro-units
     price_den: int
-    default_quota: int  # units granted for an empty Requested-Service-Unit
-    max_quota: int  # upper bound of one grant
+    default_quota: int  # priced units granted for an empty Requested-Service-Unit
+    max_quota: int  # upper bound of one grant of priced units
     minor: int  # micro-units per minor currency unit (10_000 for cents)
     rounding: str  # one of ROUNDING_MODES, applied once per committed amount
     money_bucket: str = "money"
     allowances: tuple[str, ...] = ()  # allowance bucket ids consumed before money, in order
-    final_unit_action: int = 0  # Final-Unit-Action when credit runs out (0 TERMINATE)
+    final_unit_action: int = TERMINATE  # Final-Unit-Action when credit runs out
     currency: str = "EUR"
     version: str = ""  # rate card version, written to the CDR as ratingVersion
+    # ---- quota control (TS 32.299 MSCC / RFC 4006) ----
+    # other unit types granted beside the priced one: (UNIT_TYPES name, default, max). Not priced: a cap the
+    # gateway also counts down; one in the priced unit's dimension (input/output octets) is capped at the grant
+    also_grant: tuple[tuple[str, int, int], ...] = ()
+    validity_time: int = 0  # Validity-Time of a grant, seconds (0: not sent)
+    # Validity-Time of an answer without units under REDIRECT / RESTRICT_ACCESS: how long the gateway keeps
+    # the user redirected or restricted before it asks again
+    final_validity_time: int = 0
+    time_quota_threshold: int = 0  # seconds (0: not sent)
+    volume_quota_threshold: int = 0  # octets (0: not sent)
+    unit_quota_threshold: int = 0  # service-specific units (0: not sent)
+    quota_holding_time: int | None = None  # seconds; 0 disables it at the gateway, None leaves its default
+    triggers: tuple[int, ...] | None = None  # Trigger-Type values; () sends an empty Trigger (none armed)
+    redirect_address: str = ""  # REDIRECT: Redirect-Server-Address (a top-up URL)
+    redirect_address_type: int = 2  # REDIRECT: Redirect-Address-Type (2 URL)
+    filter_ids: tuple[str, ...] = ()  # RESTRICT_ACCESS: Filter-Id values
+    restriction_filter_rules: tuple[str, ...] = ()  # RESTRICT_ACCESS: Restriction-Filter-Rule (IPFilterRule)
+    credit_control: bool = True  # False: free, answered 4011 without quota; usage recorded with amount 0
+    barred: bool = False  # True: answered 4010 (no grant); reported usage is still charged

@@ -77,16 +77,34 @@ async def test_unrateable_rating_group_is_mscc_5031_with_failed_avp(server):
 
 
 async def test_out_of_credit_grants_the_rest_with_fui_then_4012(server):
+    # voice (demo RG 200) ends with TERMINATE: the final units with the FUI, then 4012
     avps = base("gw.err.test;5;1") + [
-        ("Multiple-Services-Credit-Control", [("Requested-Service-Unit", [("CC-Total-Octets", 104857600)]),
-                                              ("Rating-Group", 100)])]
+        ("Multiple-Services-Credit-Control", [("Requested-Service-Unit", [("CC-Time", 3600)]),
+                                              ("Rating-Group", 200)])]
     first = await ask(server, avps)
     mscc = first.find("Multiple-Services-Credit-Control")
     assert mscc.get("Result-Code") == 2001
-    granted = mscc.find("Granted-Service-Unit").get("CC-Total-Octets")
-    assert granted == 52428800  # 0.50 EUR at 0.01 EUR/MB covers 50 MB of the 100 MB asked
+    assert mscc.find("Granted-Service-Unit").get("CC-Time") == 600  # 0.50 EUR at 0.05 EUR/min: 10 of 60 min
     assert mscc.find("Final-Unit-Indication").get("Final-Unit-Action") == 0
     second = base("gw.err.test;5;2") + [
-        ("Multiple-Services-Credit-Control", [("Requested-Service-Unit", []), ("Rating-Group", 100)])]
+        ("Multiple-Services-Credit-Control", [("Requested-Service-Unit", []), ("Rating-Group", 200)])]
     answer = await ask(server, second)
     assert answer.find("Multiple-Services-Credit-Control").get("Result-Code") == 4012
+
+
+async def test_out_of_credit_on_data_redirects_to_the_top_up_page(server):
+    # data (demo RG 100) ends with REDIRECT: the final units with the FUI, then no units, the FUI again
+    avps = base("gw.err.test;6;1") + [
+        ("Multiple-Services-Credit-Control", [("Requested-Service-Unit", [("CC-Total-Octets", 104857600)]),
+                                              ("Rating-Group", 100)])]
+    first = (await ask(server, avps)).find("Multiple-Services-Credit-Control")
+    assert first.find("Granted-Service-Unit").get("CC-Total-Octets") == 52428800  # 0.50 EUR at 0.01 EUR/MB
+    redirect = first.find("Final-Unit-Indication").find("Redirect-Server")
+    assert redirect.get("Redirect-Server-Address") == "https://topup.example.net"
+    second = base("gw.err.test;6;1", request_type=2, number=1) + [
+        ("Multiple-Services-Credit-Control", [("Requested-Service-Unit", []),
+                                              ("Used-Service-Unit", [("CC-Total-Octets", 52428800)]),
+                                              ("Rating-Group", 100)])]
+    mscc = (await ask(server, second)).find("Multiple-Services-Credit-Control")
+    assert (mscc.get("Result-Code"), mscc.get("Validity-Time"), mscc.find("Granted-Service-Unit")) == (2001, 60, None)
+    assert mscc.find("Final-Unit-Indication").get("Final-Unit-Action") == 1

@@ -162,11 +162,11 @@ async def test_allowance_is_consumed_before_money(store):
 
 async def test_out_of_credit_partial_grant_then_4012(store):
     at = await subscriber(store, "491701000003", 25_000)
-    s = schedule(price_num=CENT, allowances=(), final_unit_action=1)  # 1 cent per KiB
+    s = schedule(price_num=CENT, allowances=(), final_unit_action=0)  # 1 cent per KiB, TERMINATE
     # 10 KiB wanted, 2 KiB affordable: a final grant with the schedule's Final-Unit-Action
     outcome = await store.charge(ccr(at, "o1", INITIAL, 0, [mscc(s)]))
     [m] = outcome.msccs
-    assert (m.result_code, m.granted, m.reserved, m.final_unit_action) == (2001, Units(total=2_048), 20_000, 1)
+    assert (m.result_code, m.granted, m.reserved, m.final_unit_action) == (2001, Units(total=2_048), 20_000, 0)
     assert await buckets(store, at.msisdn) == {"money": (25_000, 20_000)}
     # the final units are used: debited, and nothing is left for a new grant
     outcome = await store.charge(ccr(at, "o1", UPDATE, 1, [mscc(s, used=Units(total=2_048))]))
@@ -197,13 +197,13 @@ async def test_termination_releases_every_rating_group(store):
 
 async def test_what_other_sessions_hold_is_not_available(store):
     at = await subscriber(store, "491701000015", 35_000, {"data": 3_000})
-    s = schedule(price_num=CENT)  # 1 cent per KiB
+    s = schedule(price_num=CENT, final_unit_action=0)  # 1 cent per KiB, TERMINATE
     first = await store.charge(ccr(at, "h1", INITIAL, 0, [mscc(s, requested_units=Units(total=4_024))]))
     assert first.msccs[0].granted == Units(total=4_024)  # 3000 B allowance + 1 KiB for 1 cent
     assert await buckets(store, at.msisdn) == {"money": (35_000, CENT), "data": (3_000, 3_000)}
     second = await store.charge(ccr(at, "h2", INITIAL, 0, [mscc(s)]))
     [m] = second.msccs
-    assert (m.granted, m.reserved, m.final_unit_action) == (Units(total=2_048), 20_000, 1)
+    assert (m.granted, m.reserved, m.final_unit_action) == (Units(total=2_048), 20_000, 0)
     assert await buckets(store, at.msisdn) == {"money": (35_000, 30_000), "data": (3_000, 3_000)}
     third = await store.charge(ccr(at, "h3", INITIAL, 0, [mscc(s)]))
     assert third.msccs[0].result_code == 4012
@@ -562,3 +562,153 @@ async def test_lua_debits_and_grants_equal_python_pricing(store, case):
         assert m.reserved == amount_for_units(s, grant)
         assert m.final_unit_action == (None if grant == want else 0)
     assert await buckets(store, at.msisdn) == {"money": (money - amount, m.reserved)}
+
+
+# ---- quota control per rating group ------------------------------------------------------------------------
+
+async def test_grant_of_several_unit_types_never_exceeds_what_the_balance_covers(store):
+    at = await subscriber(store, "491701000020", 30_000)
+    # priced in octets (1 cent per KiB); time and input octets granted too
+    s = schedule(price_num=CENT, allowances=(), default_quota=10_240, max_quota=20_480,
+                 also_grant=(("time", 600, 3_600), ("input", 8_192, 100_000)))
+    outcome = await store.charge(ccr(at, "g1", INITIAL, 0, [mscc(s, requested_units=Units(time=7_200))]))
+    [m] = outcome.msccs
+    # 3 KiB affordable of the 10 KiB default; time asked 7200 is capped at 3600; input capped at the grant
+    assert m.granted == Units(total=3_072, time=3_600, input=3_072)
+    assert (m.reserved, m.final_unit_action) == (30_000, 1)
+    await store.topup(at.msisdn, 1_000_000, "g1-top", NOW)
+    outcome = await store.charge(ccr(at, "g1", UPDATE, 1, [mscc(s, used=Units(total=3_000, time=50))]))
+    assert outcome.msccs[0].granted == Units(total=10_240, time=600, input=8_192)
+    assert outcome.msccs[0].amount == 30_000  # time is a cap, not priced
+
+
+async def test_rating_group_outside_credit_control_is_4011_and_recorded_free(store):
+    at = await subscriber(store, "491701000021", 100_000, {"data": 5_000})
+    free = schedule(rating_group=40, price_num=0, allowances=(), default_quota=0, max_quota=0,
+                    credit_control=False)
+    paid = schedule(rating_group=10, allowances=())
+    outcome = await store.charge(ccr(at, "f1", INITIAL, 0, [mscc(free), mscc(paid)]))
+    assert outcome.result_code == 2001
+    assert [(m.rating_group, m.result_code, m.granted) for m in outcome.msccs] == [
+        (40, 4011, None), (10, 2001, Units(total=10_240))]
+    outcome = await store.charge(ccr(at, "f1", UPDATE, 1, [mscc(free, used=Units(total=99_999),
+                                                                reporting_reason=2)]))
+    assert (outcome.msccs[0].result_code, outcome.msccs[0].amount) == (4011, 0)
+    assert await buckets(store, at.msisdn) == {"money": (100_000, CENT), "data": (5_000, 0)}
+    [record] = await cdrs(store.redis, at.partition)
+    assert (record["ratingGroup"], record["amount"], record["bucket"], record["usage"], record["reportingReason"]) == (
+        40, 0, {}, {"octetsTotal": 99_999}, 2)
+    session = await store.redis.hgetall(k.ses_key(at.partition, "f1"))
+    assert b"r:40" not in session and b"r:10" in session
+
+
+async def test_barred_rating_group_is_4010_and_its_usage_is_charged(store):
+    at = await subscriber(store, "491701000022", 100_000)
+    barred = schedule(rating_group=50, allowances=(), barred=True)
+    outcome = await store.charge(ccr(at, "x2", INITIAL, 0, [mscc(barred)]))
+    assert (outcome.result_code, outcome.msccs[0].result_code, outcome.msccs[0].granted) == (2001, 4010, None)
+    outcome = await store.charge(ccr(at, "x2", UPDATE, 1, [mscc(barred, used=Units(total=1_024))]))
+    assert (outcome.msccs[0].result_code, outcome.msccs[0].amount) == (4010, CENT)
+    assert await buckets(store, at.msisdn) == {"money": (100_000 - CENT, 0)}
+
+
+async def test_redirect_final_units_then_restricted_then_regranted_after_topup(store):
+    at = await subscriber(store, "491701000023", 25_000)
+    s = schedule(price_num=CENT, allowances=(), final_unit_action=1)  # 1 cent per KiB, REDIRECT
+    # CCR-I: 2 KiB affordable of 10 KiB: the final units, with the FUI
+    [m] = (await store.charge(ccr(at, "rd", INITIAL, 0, [mscc(s)]))).msccs
+    assert (m.result_code, m.granted, m.final_unit_action) == (2001, Units(total=2_048), 1)
+    # the final units are used: CCR-U with USU and no RSU is debited; no grant, the FUI again
+    outcome = await store.charge(ccr(at, "rd", UPDATE, 1, [mscc(s, used=Units(total=2_048), requested=False)]))
+    [m] = outcome.msccs
+    assert (outcome.result_code, m.result_code, m.granted, m.amount, m.final_unit_action) == (
+        2001, 2001, None, 20_000, 1)
+    assert await buckets(store, at.msisdn) == {"money": (5_000, 0)}
+    [session] = await store.open_sessions()
+    assert session["reservations"] == {10: {"granted": 0, "buckets": {}}}
+    # Validity-Time over, still no money: CCR-U without USU (and without RSU) asks again; the policy again
+    outcome = await store.charge(ccr(at, "rd", UPDATE, 2, [mscc(s, requested=False)]))
+    [m] = outcome.msccs
+    assert (m.result_code, m.granted, m.final_unit_action, m.amount) == (2001, None, 1, 0)
+    before = await dump(store.redis)
+    assert (await store.charge(ccr(at, "rd", UPDATE, 2, [mscc(s, requested=False)]))).duplicate
+    assert await dump(store.redis) == before
+    assert await buckets(store, at.msisdn) == {"money": (5_000, 0)}
+    # money arrives: the next CCR-U re-grants in full, without FUI
+    await store.topup(at.msisdn, 1_000_000, "rd-top", NOW)
+    [m] = (await store.charge(ccr(at, "rd", UPDATE, 3, [mscc(s, requested=False)]))).msccs
+    assert (m.result_code, m.granted, m.final_unit_action, m.reserved) == (2001, Units(total=10_240), None, 100_000)
+    [session] = await store.open_sessions()
+    assert session["reservations"] == {10: {"granted": 10_240, "buckets": {"money": 100_000}}}
+    # a usage-only report now is a plain one: no FUI
+    [m] = (await store.charge(ccr(at, "rd", UPDATE, 4, [mscc(s, used=Units(total=1), requested=False)]))).msccs
+    assert (m.result_code, m.granted, m.final_unit_action) == (2001, None, None)
+
+
+async def test_restrict_access_already_empty_at_initial_and_terminate_keeps_4012(store):
+    at = await subscriber(store, "491701000024", 0)
+    restrict = schedule(rating_group=60, price_num=CENT, allowances=(), final_unit_action=2)  # 1 cent per KiB
+    terminate = schedule(rating_group=70, price_num=CENT, allowances=(), final_unit_action=0)
+    outcome = await store.charge(ccr(at, "em", INITIAL, 0, [mscc(restrict), mscc(terminate)]))
+    assert outcome.result_code == 2001
+    assert [(m.result_code, m.granted, m.final_unit_action) for m in outcome.msccs] == [
+        (2001, None, 2), (4012, None, None)]
+    assert await store.count_open_sessions() == 1
+    # usage reported while restricted: debited (money goes negative: usage happened), still restricted
+    [m] = (await store.charge(ccr(at, "em", UPDATE, 1, [mscc(restrict, used=Units(total=10), requested=False)]))
+           ).msccs
+    assert (m.result_code, m.final_unit_action, m.amount) == (2001, 2, CENT)
+    await store.topup(at.msisdn, 150_000, "em-top", NOW)  # 1.40 left: 10 KiB for one, 4 KiB for the other
+    [m, t] = (await store.charge(ccr(at, "em", UPDATE, 2, [mscc(restrict), mscc(terminate)]))).msccs
+    assert (m.result_code, m.granted, m.final_unit_action) == (2001, Units(total=10_240), None)
+    assert (t.result_code, t.granted, t.final_unit_action) == (2001, Units(total=4_096), 0)
+
+
+async def test_command_level_failure_closes_the_session(store):
+    at = await subscriber(store, "491701000025", 15_000)
+    s = schedule(price_num=CENT, allowances=(), final_unit_action=0)
+    outcome = await store.charge(ccr(at, "cl", INITIAL, 0, [mscc(s)], command_level=True))
+    assert (outcome.result_code, outcome.msccs[0].granted) == (2001, Units(total=1_024))
+    outcome = await store.charge(ccr(at, "cl", UPDATE, 1, [mscc(s, used=Units(total=1_024))], command_level=True))
+    assert (outcome.result_code, outcome.msccs[0].result_code, outcome.msccs[0].amount) == (4012, 4012, CENT)
+    assert await store.count_open_sessions() == 0
+    assert await buckets(store, at.msisdn) == {"money": (5_000, 0)}
+    records = await cdrs(store.redis, at.partition)
+    assert [(r["recordType"], r.get("causeForRecClosing")) for r in records] == [
+        ("usage", None), ("close", "abnormalRelease")]
+    again = await store.charge(ccr(at, "cl", UPDATE, 1, [mscc(s, used=Units(total=1_024))], command_level=True))
+    assert again.duplicate and again.result_code == 4012
+    assert (await store.charge(ccr(at, "cl", UPDATE, 2, [mscc(s)], command_level=True))).result_code == 5002
+    # a REDIRECT rate at command level keeps the session open: 2001 with the FUI
+    r = schedule(price_num=CENT, allowances=(), final_unit_action=1)
+    outcome = await store.charge(ccr(at, "cl2", INITIAL, 0, [mscc(r)], command_level=True))
+    assert (outcome.result_code, outcome.msccs[0].final_unit_action) == (2001, 1)
+    assert await store.count_open_sessions() == 1
+
+
+async def test_events_for_free_and_barred_rating_groups(store):
+    at = await subscriber(store, "491701000026", 100_000)
+    free = schedule(rating_group=1, unit="events", increment=1, price_num=0, default_quota=0, max_quota=0,
+                    allowances=(), credit_control=False)
+    barred = schedule(rating_group=2, unit="events", increment=1, price_num=CENT, default_quota=1, max_quota=9,
+                      allowances=(), barred=True)
+    outcome = await store.charge(ccr(at, "ev", EVENT, 0, [mscc(free, requested_units=Units(units=3)),
+                                                          mscc(barred, requested_units=Units(units=1))],
+                                     requested_action=DIRECT_DEBITING))
+    assert [(m.result_code, m.granted, m.amount) for m in outcome.msccs] == [(4011, None, 0), (4010, None, 0)]
+    assert await buckets(store, at.msisdn) == {"money": (100_000, 0)}
+    [record] = await cdrs(store.redis, at.partition)
+    assert (record["recordType"], record["ratingGroup"], record["usage"], record["amount"]) == (
+        "event", 1, {"units": 3}, 0)
+
+
+async def test_mscc_reporting_nothing_and_asking_nothing_keeps_the_reservation(store):
+    at = await subscriber(store, "491701000027", 1_000_000)
+    s = schedule(allowances=())
+    await store.charge(ccr(at, "kp", INITIAL, 0, [mscc(s)]))
+    before = await buckets(store, at.msisdn)
+    [m] = (await store.charge(ccr(at, "kp", UPDATE, 1, [mscc(s, requested=False)]))).msccs
+    assert (m.result_code, m.granted, m.final_unit_action, m.amount) == (2001, None, None, 0)
+    assert await buckets(store, at.msisdn) == before == {"money": (1_000_000, CENT)}
+    [session] = await store.open_sessions()
+    assert session["reservations"] == {10: {"granted": 10_240, "buckets": {"money": CENT}}}

@@ -21,9 +21,23 @@
 --  * A barred subscriber (status not "active"): CCR-I 4010 at command level; CCR-U commits the used units
 --    and answers 4010 in each MSCC that asks for units; CCR-T is always processed (usage happened).
 --  * An RSU with no value in the schedule's unit, or a zero value, means the default quota.
+--  * Quota control per rating group (the schedule): credit_control = false answers 4011 with no quota and
+--    records reported usage at amount 0; barred answers 4010 to a request for units (usage still charged).
+--  * Final units: a grant smaller than asked carries final_unit_action. Under TERMINATE a later request
+--    for units gets 4012. Under REDIRECT / RESTRICT_ACCESS (RFC 4006 §5.6.2-3) the reservation remembers
+--    it (f = 1); the report of the used final units (USU, no RSU) is debited and answered with the
+--    final_unit_action and no grant, and the rating group stays restricted (f = 2, no units held); a later
+--    MSCC with an RSU, or with neither RSU nor USU while restricted, is a new request for units: granted
+--    when money arrived, else answered with the final_unit_action and no grant again (result 2001). The
+--    same answer goes to a request for units that finds nothing to grant, also at CCR-I.
+--  * An MSCC with neither USU nor RSU leaves the rating group's reservation as it is (answered 2001, nothing
+--    else), unless the group is restricted: then it is the request for units of RFC 4006 §5.6.3.
+--  * command_level (a plain RFC 4006 client, units outside MSCC): the one MSCC's result is the command's,
+--    and a command-level failure closes the session (RFC 4006 §7: CCR-I/U not successfully processed).
 --  * A stale plan is answered with stale_plan set and result 5012 (in case a caller ignores stale_plan).
 
 local WINDOW = 32
+local RESTRICTED = '{"u":0,"b":{},"f":2}' -- a rating group whose final units are used (no units held)
 local CLOSED_TTL_MS = 86400000 -- a closed session keeps its stored answers for a day
 
 local sub_key, bal_key, ses_key, open_key, cdr_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
@@ -78,8 +92,8 @@ if rtype == 1 then
   end
   local ctx_json = jval(req.context) -- an empty table is written as {}
   local static = cdr_static(req.msisdn, sub[4], req.session_id, req.origin_host, req.context, now)
-  ses_set = { 'msisdn', req.msisdn, 'plan', req.plan, 'state', 'open', 'origin_host', req.origin_host,
-    'ctx', ctx_json, 'cdr', static, 'created', int(now) }
+  ses_set = { 'msisdn', req.msisdn, 'plan', req.plan, 'state', 'open', 'ctx', ctx_json, 'cdr', static,
+    'created', int(now) }
   rec = record_parts(static, req.session_id, n, now)
 else
   if ses[1] ~= 'open' or ses[2] ~= req.msisdn then
@@ -89,6 +103,15 @@ else
     return outcome_json(5012, nil, e2e)
   end
   rec = record_parts(ses[3], req.session_id, n, now)
+end
+-- the gateway of the latest CCR (and the peer it came through) owns the session: RAR/ASR go there
+if req.origin_host ~= '' or rtype == 1 then
+  ses_set[#ses_set + 1] = 'origin_host'
+  ses_set[#ses_set + 1] = req.origin_host
+  ses_set[#ses_set + 1] = 'origin_realm'
+  ses_set[#ses_set + 1] = req.origin_realm or ''
+  ses_set[#ses_set + 1] = 'peer'
+  ses_set[#ses_set + 1] = req.peer or req.origin_host
 end
 
 -- 4. the MSCCs, in order
@@ -108,52 +131,83 @@ for i, m in ipairs(req.msccs) do
   local o = { rating_group = m.rating_group, service_id = m.service_id, result_code = 2001, amount = 0,
     reserved = 0 }
   local field = wanted[FIXED + i]
+  local used = present(m.used)
+  local held = reservations[field]
+  -- an MSCC that reports nothing and asks for nothing leaves its reservation alone (the gateway still holds
+  -- those units), unless the rating group is restricted: then it asks again (RFC 4006 §5.6.3)
+  local idle = held and not used and not m.requested and rtype ~= 3 and not string.find(held, '"f":2', 1, true)
   -- (a) the old reservation goes back first: the used units are paid out of it
-  if reservations[field] then
-    release(w, reservations[field])
+  local state = 0 -- final-units state of the rating group (see release in common.lua)
+  if held and not idle then
+    state = release(w, held)
     reservations[field] = false
   end
   -- (b) used units
-  if present(m.used) then
+  if used then
     local amount, taken = commit_usage(w, s, units_in(s.unit, m.used) or 0)
     o.amount = amount
     rated_record(cdr_key, 'usage', rec, m, s, m.used, amount, taken)
   end
   -- (c) a new grant
-  if m.requested and rtype ~= 3 then
-    if not active then
-      o.result_code = 4010
-    else
-      local want = units_in(s.unit, m.requested_units)
-      if not want or want == 0 then
-        want = s.default_quota
-      end
-      want = math.min(want, s.max_quota)
-      local granted, held, money, allowance_units = plan_grant(w, s, want)
-      if granted == 0 then
-        o.result_code = 4012
+  if rtype ~= 3 and not idle then
+    if not s.credit_control then
+      o.result_code = 4011
+    elseif m.requested or (state == 2 and not used) then
+      if not active or s.barred then
+        o.result_code = 4010
       else
-        for _, kv in ipairs(held) do
-          wadd(w, kv[1] .. ':r', kv[2])
+        local want = units_in(s.unit, m.requested_units)
+        if not want or want == 0 then
+          want = s.default_quota
         end
-        reservations[field] = '{"u":' .. int(granted) .. ',"b":' .. buckets_json(held) .. '}'
-        o.granted = units_json(s.unit, granted)
-        if money > 0 then
-          o.reserved = money
+        want = math.min(want, s.max_quota)
+        local granted, held, money, allowance_units = plan_grant(w, s, want)
+        if granted == 0 then
+          if s.final_unit_action ~= 0 then
+            o.final_unit_action = s.final_unit_action
+            reservations[field] = RESTRICTED
+          else
+            o.result_code = 4012
+          end
         else
-          o.reserved = allowance_units
-        end
-        if granted < want then
-          o.final_unit_action = s.final_unit_action
+          for _, kv in ipairs(held) do
+            wadd(w, kv[1] .. ':r', kv[2])
+          end
+          local flag = ''
+          if granted < want then
+            o.final_unit_action = s.final_unit_action
+            if s.final_unit_action ~= 0 then
+              flag = ',"f":1'
+            end
+          end
+          reservations[field] = '{"u":' .. int(granted) .. ',"b":' .. buckets_json(held) .. flag .. '}'
+          o.granted = grant_json(s, granted, m.requested_units)
+          if money > 0 then
+            o.reserved = money
+          else
+            o.reserved = allowance_units
+          end
         end
       end
+    elseif state ~= 0 and s.final_unit_action ~= 0 then
+      -- the final units are used up (or usage came while restricted): no grant, the action again
+      o.final_unit_action = s.final_unit_action
+      reservations[field] = RESTRICTED
     end
   end
   outcomes[i] = o
 end
 
--- 5. TERMINATION releases what other rating groups still hold and closes the session
-if rtype == 3 then
+-- a plain RFC 4006 client hears its one MSCC's result at command level; a failure there ends the session
+local result = 2001
+if req.command_level and outcomes[1] and outcomes[1].result_code ~= 2001 then
+  result = outcomes[1].result_code
+end
+local closing = rtype == 3 or result ~= 2001
+
+-- 5. TERMINATION (or a command-level failure) releases what other rating groups still hold and closes the
+-- session
+if closing then
   local others = {}
   for _, field in ipairs(call('HKEYS', ses_key)) do
     if string.sub(field, 1, 2) == 'r:' and reservations[field] == nil then
@@ -174,7 +228,11 @@ if rtype == 3 then
       reservations[field] = false
     end
   end
-  close_record(cdr_key, rec, CLOSING_CAUSE[req.termination_cause] or 'normalRelease', sub[5] or 'EUR')
+  local cause = CLOSING_CAUSE[req.termination_cause] or 'normalRelease'
+  if rtype ~= 3 then
+    cause = result == 4011 and 'normalRelease' or 'abnormalRelease'
+  end
+  close_record(cdr_key, rec, cause, sub[5] or 'EUR')
   call('ZREM', open_key, req.session_id)
   ses_set[#ses_set + 1] = 'state'
   ses_set[#ses_set + 1] = 'closed'
@@ -184,7 +242,7 @@ end
 wsave(w)
 
 -- the answer, stored for duplicates, and the last activity
-local out = outcome_json(2001, outcomes, e2e)
+local out = outcome_json(result, outcomes, e2e)
 for field, value in pairs(reservations) do
   if value then
     ses_set[#ses_set + 1] = field
@@ -206,7 +264,7 @@ if #ses_del > 0 then
   call('HDEL', ses_key, unpack_(ses_del))
 end
 call('HSET', ses_key, unpack_(ses_set))
-if rtype == 3 then
+if closing then
   call('PEXPIRE', ses_key, CLOSED_TTL_MS)
 else
   call('ZADD', open_key, int(now), req.session_id)

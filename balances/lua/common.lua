@@ -156,6 +156,9 @@ end
 local UNIT_KINDS = { bytes = true, seconds = true, events = true }
 local ROUNDING = { ['up'] = true, ['half-up'] = true, ['half-even'] = true, ['down'] = true }
 local UNIT_FIELDS = { 'time', 'total', 'input', 'output', 'units' }
+local UNIT_FIELD = { time = true, total = true, input = true, output = true, units = true }
+-- the Units field a rating unit is priced and granted in (ratecards.schedule.PRICED_UNIT_TYPE)
+local PRICED = { bytes = 'total', seconds = 'time', events = 'units' }
 
 local function positive(v)
   return type(v) == 'number' and v > 0 and v == floor(v)
@@ -175,6 +178,9 @@ local function check_schedule(s)
   if not present(s.final_unit_action) then s.final_unit_action = 0 end
   if not present(s.currency) then s.currency = 'EUR' end
   if not present(s.version) then s.version = '' end
+  if not present(s.also_grant) then s.also_grant = {} end
+  if not present(s.credit_control) then s.credit_control = true end
+  if not present(s.barred) then s.barred = false end
   if not UNIT_KINDS[s.unit] or not ROUNDING[s.rounding] then return 'schedule unit or rounding' end
   if not (positive(s.increment) and positive(s.price_den) and positive(s.minor)) then
     return 'schedule increment, price_den or minor'
@@ -187,6 +193,14 @@ local function check_schedule(s)
   end
   for _, b in ipairs(s.allowances) do
     if type(b) ~= 'string' or b == s.money_bucket then return 'schedule allowances' end
+  end
+  if type(s.also_grant) ~= 'table' or type(s.credit_control) ~= 'boolean' or type(s.barred) ~= 'boolean' then
+    return 'schedule also_grant, credit_control or barred'
+  end
+  for _, g in ipairs(s.also_grant) do
+    if type(g) ~= 'table' or not UNIT_FIELD[g[1]] or not non_negative(g[2]) or not non_negative(g[3]) then
+      return 'schedule also_grant'
+    end
   end
   return nil
 end
@@ -212,6 +226,7 @@ local function check_request(req)
   if not present(req.context) then req.context = {} end
   if not present(req.end_to_end) then req.end_to_end = 0 end
   if not present(req.origin_host) then req.origin_host = '' end
+  if not present(req.command_level) then req.command_level = false end
   if type(req.context) ~= 'table' or type(req.origin_host) ~= 'string' or not is_int(req.end_to_end) then
     return 'context, origin_host or end_to_end'
   end
@@ -305,12 +320,30 @@ end
 
 -- a granted Units object (JSON) in the schedule's unit
 local function units_json(unit, n)
-  if unit == 'bytes' then
-    return '{"total":' .. int(n) .. '}'
-  elseif unit == 'seconds' then
-    return '{"time":' .. int(n) .. '}'
+  return '{"' .. PRICED[unit] .. '":' .. int(n) .. '}'
+end
+
+-- the Units object (JSON) of a session grant: `granted` priced units, and each also_grant unit type at the
+-- requested value (when the Requested-Service-Unit names it) or its default, at most its max, and in the
+-- priced unit's dimension (input/output octets of a bytes rate) at most the priced grant
+local function grant_json(s, granted, requested)
+  if #s.also_grant == 0 then
+    return units_json(s.unit, granted)
   end
-  return '{"units":' .. int(n) .. '}'
+  local p = { '"' .. PRICED[s.unit] .. '":' .. int(granted) }
+  for _, g in ipairs(s.also_grant) do
+    local kind, n = g[1], g[2]
+    local asked = present(requested) and requested[kind]
+    if asked and asked ~= null and asked > 0 then
+      n = asked
+    end
+    n = min(n, g[3])
+    if s.unit == 'bytes' and (kind == 'input' or kind == 'output') then
+      n = min(n, granted)
+    end
+    p[#p + 1] = '"' .. kind .. '":' .. int(n)
+  end
+  return '{' .. concat(p, ',') .. '}'
 end
 
 -- ---- buckets -------------------------------------------------------------------------------------------
@@ -362,13 +395,20 @@ local function wsave(w)
   end
 end
 
--- a session reservation ('r:<rg>' value: {"u": granted units, "b": {bucket: amount}}) back to the wallet
+-- a session reservation ('r:<rg>' value: {"u": granted units, "b": {bucket: amount}, "f": state}) back to
+-- the wallet; returns its final-units state: 0 none, 1 final units granted under REDIRECT/RESTRICT_ACCESS,
+-- 2 restricted (the final units are used: no reservation, the gateway redirects or restricts the user)
 local function release(w, raw)
   if raw then
-    for bucket, amount in pairs(decode(raw).b) do
+    local r = decode(raw)
+    for bucket, amount in pairs(r.b) do
       wadd(w, bucket .. ':r', -amount)
     end
+    if r.f and r.f ~= null then
+      return r.f
+    end
   end
+  return 0
 end
 
 -- takes up to `want` units from the allowance buckets in order (available units only); returns the ordered
@@ -443,7 +483,7 @@ local CLOSING_CAUSE = {
   [1] = 'normalRelease', [2] = 'abnormalRelease', [3] = 'abnormalRelease', [4] = 'managementIntervention',
   [5] = 'abnormalRelease', [6] = 'timeLimit', [7] = 'servingNodeChange', [8] = 'timeLimit',
 }
-local CONTEXT_FIELDS = { 'chargingID', 'apn', 'servingNodePLMN', 'ratType' }
+local CONTEXT_FIELDS = { 'serviceContextId', 'chargingID', 'apn', 'servingNodePLMN', 'ratType', 'servedIMEISV' }
 
 -- the members every record of a session shares, rendered once (at CCR-I; stored as the session's 'cdr')
 local function cdr_static(msisdn, imsi, session_id, origin_host, ctx, opened)

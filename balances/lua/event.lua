@@ -14,6 +14,9 @@
 --  CHECK_BALANCE (2):   check_balance_result 0 when each MSCC, on its own, could be debited, else 1.
 --                       Writes nothing.
 --  PRICE_ENQUIRY (3):   MsccOutcome.cost = the money price of the units (allowances ignored). Writes nothing.
+-- A rating group outside credit control (schedule credit_control = false) is answered 4011 for every action;
+-- a DIRECT_DEBITING of it is recorded as an "event" CDR record at amount 0. A barred rating group (schedule
+-- barred) is answered 4010 for DIRECT_DEBITING.
 -- Every processed answer (all four actions) is stored under evt:... for TTL_MS for duplicates; answers
 -- that change nothing (5030, 4010, stale plan) are not. A barred subscriber gets 4010 for DIRECT_DEBITING.
 
@@ -76,7 +79,14 @@ for i, m in ipairs(req.msccs) do
   if not units or units == 0 then
     units = s.default_quota
   end
-  if action == 0 then
+  if not s.credit_control then
+    o.result_code = 4011
+    if action == 0 then
+      rated_record(cdr_key, 'event', rec, m, s, usage_of(s.unit, units), 0, {})
+    end
+  elseif action == 0 and s.barred then
+    o.result_code = 4010
+  elseif action == 0 then
     local taken, amount, fits = plan_debit(w, s, units)
     if fits then
       for _, kv in ipairs(taken) do
