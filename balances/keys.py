@@ -83,3 +83,31 @@ def parse_location(value: str | bytes) -> Location:
     text = value.decode() if isinstance(value, bytes) else value
     partition, msisdn, plan = text.split("|", 2)
     return Location(int(partition), msisdn, plan)
+
+
+# ---- session ownership and server-initiated messages (ocs.routing, ocs.supervision) ----------------------
+
+
+def subscriber_sessions_key(partition: int, msisdn: str) -> str:
+    """Set of the subscriber's session ids opened and not yet seen closed (members are checked on read)."""
+    return f"subses:{tag(partition)}:{msisdn}"
+
+
+def peer_key(origin_host: str) -> str:
+    """Which OCS process holds the connection to this Diameter peer (a lease: PX, refreshed while connected)."""
+    return f"peer:{origin_host.lower()}"
+
+
+def peer_state_key(origin_host: str) -> str:
+    """The peer's last Origin-State-Id seen by any OCS process (a change means the peer restarted)."""
+    return f"peerstate:{origin_host.lower()}"
+
+
+def queue_key(process_id: str) -> str:
+    """Requests (reauth, abort) for the OCS process that holds the peer connection."""
+    return f"ocsq:{process_id}"
+
+
+def reply_key(request_id: str) -> str:
+    """Where the process that carried out a queued request puts its result."""
+    return f"ocsr:{request_id}"

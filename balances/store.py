@@ -10,17 +10,26 @@ caller of that one call.
 
 Index keys (idx:, sidx:) live outside the partitions and are cached in process, so a CCR whose subscriber
 or session is known costs exactly one FCALL.
+
+Every call is bounded (`call_timeout`): a Redis that is down, busy or too slow makes the call fail at once
+with StoreUnavailable (a ConnectionError) instead of leaving the caller waiting; a call whose caller gave up
+before its batch was sent is not sent. The session-ownership, peer-registry and queue methods at the end
+serve ocs.routing and ocs.supervision (server-initiated messages, supervision); they are plain names and
+strings here, nothing of Diameter.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import msgspec
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError, WatchError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from balances import keys as k
 from balances.model import (
@@ -38,6 +47,14 @@ from balances.scripts import Library, build_library, is_missing_function, load_l
 
 SESSION_INDEX_TTL_MS = 86_400_000  # sidx of a closed session lives as long as its stored answers
 PROVISION_CHUNK = 1000
+SCAN_PAGE = 1000
+# error replies that mean "not now" (a long script, loading, failover), not "wrong request"
+UNAVAILABLE_REPLIES = ("BUSY", "LOADING", "MASTERDOWN", "READONLY", "TRYAGAIN", "CLUSTERDOWN")
+
+
+class StoreUnavailable(ConnectionError):
+    """Redis is unreachable, busy or did not answer within the call timeout: nothing is known to have changed
+    (a late-executing call is made harmless by duplicate detection when the request is retried)."""
 
 
 class UnknownSubscriber(Exception):
@@ -58,6 +75,24 @@ class _TopupAnswer(msgspec.Struct):
 class _Reservation(msgspec.Struct):
     u: int
     b: dict[str, int]
+
+
+class SessionOwner(msgspec.Struct):
+    """Who owns a session: the gateway that sent its latest CCR and the peer connection it came through."""
+
+    session_id: str
+    partition: int
+    msisdn: str
+    state: str  # "open" or "closed"
+    origin_host: str  # Origin-Host of the latest CCR: Destination-Host of a RAR/ASR
+    origin_realm: str  # Origin-Realm of the latest CCR: Destination-Realm of a RAR/ASR
+    peer: str  # Origin-Host of the connected peer it came through (the gateway itself, or a relay)
+    last: int  # last activity, ms
+
+
+class CloseResult(msgspec.Struct):
+    closed: bool  # this call closed the session
+    due_ms: int | None = None  # open and not yet silent for its Tcc: when it will be
 
 
 _outcome_decoder = msgspec.json.Decoder(ChargeOutcome)
@@ -91,15 +126,16 @@ def _pack_fcall(function: str, keys: Sequence[str], args: Sequence[Any]) -> byte
 class _Call:
     """One function call waiting for the next flush; `extra` are plain commands sent just before it."""
 
-    __slots__ = ("function", "keys", "args", "extra", "future")
+    __slots__ = ("function", "keys", "args", "extra", "future", "deadline")
 
     def __init__(self, function: str, keys: Sequence[str], args: Sequence[Any],
-                 extra: Sequence[tuple], future: asyncio.Future) -> None:
+                 extra: Sequence[tuple], future: asyncio.Future, deadline: float) -> None:
         self.function = function
         self.keys = keys
         self.args = args
         self.extra = extra
         self.future = future
+        self.deadline = deadline  # loop time after which the caller hears StoreUnavailable
 
 
 class _LocationCache:
@@ -126,8 +162,10 @@ class BalanceStore:
     """Balances, reservations and sessions in Redis/Valkey; see the module docstring for batching."""
 
     def __init__(self, redis: aioredis.Redis, partitions: int | None = None, *, max_inflight: int = 4,
-                 max_batch: int = 256, cache_size: int = 1_000_000) -> None:
+                 max_batch: int = 256, cache_size: int = 1_000_000, call_timeout: float | None = None) -> None:
         self.redis = redis
+        self.call_timeout = call_timeout  # seconds; None waits as long as Redis takes
+        self._blocking: aioredis.Redis | None = None  # own connection for BLPOP (take_request)
         self._wanted_partitions = partitions
         self._partitions: int | None = None
         self.library: Library = build_library()
@@ -136,6 +174,8 @@ class BalanceStore:
         self.pipelines_sent = 0  # pipelines the batcher has sent (tests and benchmarks read it)
         self.calls_sent = 0  # function calls in them
         self._pending: list[_Call] = []
+        self._sending: list[list[_Call]] = []  # batches sent and not yet answered
+        self._watchdog: asyncio.TimerHandle | None = None
         self._flush_scheduled = False
         self._inflight = 0
         self._tasks: set[asyncio.Task] = set()
@@ -148,7 +188,9 @@ class BalanceStore:
     @classmethod
     async def connect(cls, url: str, partitions: int | None = None, **options: Any) -> BalanceStore:
         """A store on its own client (redis-py asyncio + hiredis); close() closes the client."""
-        store = cls(aioredis.Redis.from_url(url), partitions, **options)
+        timeout = options.get("call_timeout")
+        client = aioredis.Redis.from_url(url, socket_connect_timeout=max(timeout or 5.0, 1.0))
+        store = cls(client, partitions, **options)
         store._owns_client = True
         await store.ready()
         return store
@@ -162,6 +204,12 @@ class BalanceStore:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
             else:
                 await asyncio.sleep(0)
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        if self._blocking is not None:
+            await self._blocking.aclose()
+            self._blocking = None
         if self._owns_client:
             await self.redis.aclose()
 
@@ -206,7 +254,12 @@ class BalanceStore:
                  extra: Sequence[tuple] = ()) -> asyncio.Future:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._pending.append(_Call(function, keys, args, extra, future))
+        deadline = 0.0
+        if self.call_timeout is not None:
+            deadline = loop.time() + self.call_timeout
+            if self._watchdog is None:
+                self._watchdog = loop.call_at(deadline, self._expire)
+        self._pending.append(_Call(function, keys, args, extra, future, deadline))
         if not self._flush_scheduled:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
@@ -220,12 +273,33 @@ class BalanceStore:
         self._flush_scheduled = False
         loop = asyncio.get_running_loop()
         while self._pending and self._inflight < self.max_inflight:
-            batch = self._pending[:self.max_batch]
+            # callers that gave up (call timeout) are not sent
+            batch = [call for call in self._pending[:self.max_batch] if not call.future.done()]
             del self._pending[:self.max_batch]
+            if not batch:
+                continue
             self._inflight += 1
             task = loop.create_task(self._send(batch))
             self._tasks.add(task)
             task.add_done_callback(self._sent)
+
+    def _expire(self) -> None:
+        """The one timer bounding every call (cheaper than a timer per call): callers whose deadline passed,
+        waiting for a pipeline slot or for Redis, hear StoreUnavailable; re-armed for the next deadline."""
+        self._watchdog = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        earliest = None
+        for call in itertools.chain(self._pending, *self._sending):
+            if call.future.done():
+                continue
+            if call.deadline <= now:
+                call.future.set_exception(StoreUnavailable(
+                    f"no answer from Redis within {self.call_timeout * 1000:.0f} ms"))
+            elif earliest is None or call.deadline < earliest:
+                earliest = call.deadline
+        if earliest is not None:  # at most 8 scans per call_timeout, however many calls are waiting
+            self._watchdog = loop.call_at(max(earliest, now + self.call_timeout / 8), self._expire)
 
     def _sent(self, task: asyncio.Task) -> None:
         self._tasks.discard(task)
@@ -235,6 +309,7 @@ class BalanceStore:
             asyncio.get_running_loop().call_soon(self._flush)
 
     async def _send(self, batch: list[_Call]) -> None:
+        self._sending.append(batch)
         try:
             results = await self._execute(batch)
             retry = [call for call, result in zip(batch, results, strict=True) if is_missing_function(result)]
@@ -249,6 +324,8 @@ class BalanceStore:
             if not isinstance(exc, Exception):
                 raise
             return
+        finally:
+            self._sending.remove(batch)
         for call, result in zip(batch, results, strict=True):
             if call.future.done():  # the caller was cancelled
                 continue
@@ -299,20 +376,40 @@ class BalanceStore:
         finally:
             await pool.release(connection)
 
+    async def _bounded(self, awaitable: Any, timed: bool = False) -> Any:
+        """Redis down, busy or slow becomes StoreUnavailable. A call's future is bounded by _expire; any other
+        awaitable (`timed`) gets a wait_for of call_timeout."""
+        try:
+            if not timed or self.call_timeout is None:
+                return await awaitable
+            return await asyncio.wait_for(awaitable, self.call_timeout)
+        except TimeoutError:
+            raise StoreUnavailable(f"no answer from Redis within {self.call_timeout * 1000:.0f} ms") from None
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            raise StoreUnavailable(f"Redis unavailable: {exc}") from exc
+        except ResponseError as exc:
+            if str(exc).startswith(UNAVAILABLE_REPLIES):
+                raise StoreUnavailable(f"Redis busy: {exc}") from exc
+            raise
+
     async def _call(self, name: str, keys: Sequence[str], args: Sequence[Any],
                     extra: Sequence[tuple] = ()) -> Any:
         if self._partitions is None:
-            await self.ready()
-        return await self._enqueue(self.library.functions[name], keys, args, extra)
+            await self._bounded(self.ready(), timed=True)
+        return await self._bounded(self._enqueue(self.library.functions[name], keys, args, extra))
+
+    async def _commands(self, *commands: tuple) -> Any:
+        """Plain commands riding in the tick's pipeline, bounded like a call; the last one's reply."""
+        if self._partitions is None:
+            await self._bounded(self.ready(), timed=True)
+        return await self._bounded(self._enqueue("", (), (), commands))
 
     # ---- locating subscribers and sessions ------------------------------------------------------------
 
     async def _get(self, key: str) -> Any:
         """A GET that rides in the tick's pipeline: index look-ups of concurrent CCR-Is share a round trip
         (and a connection) with the charges instead of each taking a pooled connection of its own."""
-        if self._partitions is None:
-            await self.ready()
-        return await self._enqueue("", (), (), (("GET", key),))
+        return await self._commands(("GET", key))
 
     async def locate_msisdn(self, msisdn: str) -> Location | None:
         location = self._msisdns.get(msisdn)
@@ -327,8 +424,6 @@ class BalanceStore:
     async def locate_imsi(self, imsi: str) -> Location | None:
         location = self._imsis.get(imsi)
         if location is None:
-            if self._partitions is None:
-                await self.ready()
             value = await self._get(k.idx_imsi_key(imsi))
             if value is None:
                 return None
@@ -339,8 +434,6 @@ class BalanceStore:
     async def locate_session(self, session_id: str) -> Location | None:
         location = self._sessions.get(session_id)
         if location is None:
-            if self._partitions is None:
-                await self.ready()
             value = await self._get(k.sidx_key(session_id))
             if value is None:
                 return None
@@ -361,7 +454,8 @@ class BalanceStore:
 
     async def charge(self, request: ChargeRequest) -> ChargeOutcome:
         """One CCR: one FCALL of charge.lua (event.lua for EVENT), batched with the tick's other calls.
-        CCR-I also writes sidx:<session-id> in the same pipeline; CCR-T gives it the closed-session TTL."""
+        CCR-I also writes sidx:<session-id> and adds the session to its subscriber's subses: set in the same
+        pipeline; CCR-T gives sidx the closed-session TTL and takes the session out of subses:."""
         p = request.partition
         payload = _encoder.encode(request)
         if request.request_type == EVENT:
@@ -372,10 +466,13 @@ class BalanceStore:
             keys = (k.sub_key(p, request.msisdn), k.bal_key(p, request.msisdn),
                     k.ses_key(p, request.session_id), k.open_key(p), k.cdr_key(p))
             extra: tuple[tuple, ...] = ()
+            subses = k.subscriber_sessions_key(p, request.msisdn)
             if request.request_type == INITIAL:
-                extra = (("SET", k.sidx_key(request.session_id), f"{p}|{request.msisdn}|{request.plan}"),)
+                extra = (("SET", k.sidx_key(request.session_id), f"{p}|{request.msisdn}|{request.plan}"),
+                         ("SADD", subses, request.session_id))
             elif request.request_type == TERMINATION:
-                extra = (("PEXPIRE", k.sidx_key(request.session_id), SESSION_INDEX_TTL_MS),)
+                extra = (("PEXPIRE", k.sidx_key(request.session_id), SESSION_INDEX_TTL_MS),
+                         ("SREM", subses, request.session_id))
             raw = await self._call("charge", keys, (payload,), extra)
         outcome = _outcome_decoder.decode(raw)
         if request.request_type == INITIAL:
@@ -384,7 +481,8 @@ class BalanceStore:
             elif outcome.result_code != 5012 or outcome.stale_plan is not None:
                 # no session was created (5030, 4010, stale plan): take back the index entry; 5012 without
                 # stale_plan means the session exists and the entry is its own
-                await self.redis.delete(k.sidx_key(request.session_id))
+                await self._commands(("DEL", k.sidx_key(request.session_id)),
+                                     ("SREM", k.subscriber_sessions_key(p, request.msisdn), request.session_id))
         if outcome.stale_plan is not None:
             self.forget(msisdn=request.msisdn, session_id=request.session_id)
         elif request.request_type == TERMINATION:
@@ -410,18 +508,38 @@ class BalanceStore:
         return TopupResult(applied=answer.applied, balance=answer.balance, reference=answer.reference)
 
     async def close_session(self, session_id: str, cause: str, now_ms: int) -> bool:
-        """Closes an open session outside Diameter (timeout, administrator): releases its reservations and
+        """Closes an open session outside Diameter (administrator, RAA/ASA 5002): releases its reservations and
         writes the closing CDR record. False when the session is unknown or not open."""
+        return (await self.close_session_if(session_id, cause, now_ms)).closed
+
+    async def close_session_if(self, session_id: str, cause: str, now_ms: int, *, before_ms: int | None = None,
+                               origin_host: str | None = None, tcc: dict | None = None) -> CloseResult:
+        """close_session, only if the conditions hold when the script runs (see close.lua): last activity
+        earlier than `before_ms`; latest CCR from `origin_host`; silent for its Tcc (`tcc`: min, max, default
+        in ms, vt: {rating group: Validity-Time seconds}). Concurrent callers close a session once."""
         location = await self.locate_session(session_id)
         if location is None:
-            return False
+            return CloseResult(False)
         p, msisdn = location.partition, location.msisdn
         keys = (k.sub_key(p, msisdn), k.bal_key(p, msisdn), k.ses_key(p, session_id), k.open_key(p),
-                k.cdr_key(p))
-        extra = (("PEXPIRE", k.sidx_key(session_id), SESSION_INDEX_TTL_MS),)
-        closed = await self._call("close", keys, (session_id, msisdn, cause, str(now_ms)), extra)
-        self._sessions.drop(session_id)
-        return bool(closed)
+                k.cdr_key(p), k.subscriber_sessions_key(p, msisdn))
+        conditions: dict[str, Any] = {}
+        if before_ms is not None:
+            conditions["before"] = before_ms
+        if origin_host is not None:
+            conditions["origin_host"] = origin_host
+        if tcc is not None:
+            conditions["tcc"] = tcc
+        args = (session_id, msisdn, cause, str(now_ms), _encoder.encode(conditions) if conditions else "")
+        reply = await self._call("close", keys, args)
+        code = int(reply[0])
+        if code == 1:
+            await self._commands(("PEXPIRE", k.sidx_key(session_id), SESSION_INDEX_TTL_MS))
+            self._sessions.drop(session_id)
+            return CloseResult(True)
+        if code == 2:
+            return CloseResult(False, int(reply[1]))
+        return CloseResult(False)
 
     # ---- provisioning ----------------------------------------------------------------------------------
 
@@ -556,7 +674,7 @@ class BalanceStore:
 
     async def open_sessions(self, limit: int = 1000) -> list[dict]:
         """Open sessions, least recently active first: session_id, msisdn, plan, partition, created, last
-        (ms), origin_host and reservations {rating group: {"granted": units, "buckets": {bucket: amount}}}."""
+        (ms), origin_host, peer and reservations {rating group: {"granted": units, "buckets": {bucket: amount}}}."""
         await self.ready()
         if limit <= 0:
             return []
@@ -582,6 +700,155 @@ class BalanceStore:
                 "session_id": sid, "partition": p,
                 "msisdn": _text(fields.get("msisdn", b"")), "plan": _text(fields.get("plan", b"")),
                 "created": int(fields.get("created", 0)), "last": int(score),
-                "origin_host": _text(fields.get("origin_host", b"")), "reservations": reservations,
+                "origin_host": _text(fields.get("origin_host", b"")),
+                "peer": _text(fields.get("peer", b"")) or _text(fields.get("origin_host", b"")),
+                "reservations": reservations,
             })
         return sessions
+
+    # ---- session ownership (ocs.routing, ocs.supervision) ------------------------------------------------
+
+    async def session_owner(self, session_id: str) -> SessionOwner | None:
+        """Who owns the session now (refreshed by every CCR); None when the session is unknown."""
+        location = await self.locate_session(session_id)
+        if location is None:
+            return None
+        state, msisdn, host, realm, peer, last = await self._commands(
+            ("HMGET", k.ses_key(location.partition, session_id), "state", "msisdn", "origin_host",
+             "origin_realm", "peer", "last"))
+        if state is None:
+            return None
+        host = _text(host or b"")
+        return SessionOwner(session_id=session_id, partition=location.partition,
+                            msisdn=_text(msisdn or location.msisdn), state=_text(state), origin_host=host,
+                            origin_realm=_text(realm or b""), peer=_text(peer or b"") or host,
+                            last=int(last or 0))
+
+    async def subscriber_sessions(self, msisdn: str) -> list[str]:
+        """The subscriber's open session ids (members of subses: that are no longer open are dropped)."""
+        location = await self.locate_msisdn(msisdn)
+        if location is None:
+            raise UnknownSubscriber(msisdn)
+        p = location.partition
+        index = k.subscriber_sessions_key(p, msisdn)
+        members = sorted(_text(m) for m in await self.redis.smembers(index))
+        if not members:
+            return []
+        states = await self._pipeline(("HMGET", k.ses_key(p, sid), "state", "msisdn") for sid in members)
+        open_ids = [sid for sid, (state, owner) in zip(members, states, strict=True)
+                    if state == b"open" and _text(owner or b"") == msisdn]
+        gone = [sid for sid in members if sid not in open_ids]
+        if gone:
+            await self.redis.srem(index, *gone)
+        return open_ids
+
+    async def idle_sessions(self, after_ms: float, upto_ms: int) -> list[tuple[str, int]]:
+        """(session id, last activity) of the open sessions whose last activity is in (after_ms, upto_ms]:
+        the supervision sweep reads each session once per quiet period, not on every pass."""
+        await self.ready()
+        low = "-inf" if after_ms == float("-inf") else f"({int(after_ms)}"
+        found: list[tuple[str, int]] = []
+        partitions = list(range(self.partitions))
+        offset = 0
+        while partitions:
+            pages = await self._pipeline(
+                ("ZRANGEBYSCORE", k.open_key(p), low, upto_ms, "WITHSCORES", "LIMIT", offset, SCAN_PAGE)
+                for p in partitions)
+            full = []
+            for p, page in zip(partitions, pages, strict=True):
+                if page and not isinstance(page[0], list | tuple):  # flat [member, score, ...] (RESP2)
+                    page = [page[i:i + 2] for i in range(0, len(page), 2)]
+                found.extend((_text(member), int(float(score))) for member, score in page)
+                if len(page) == SCAN_PAGE:
+                    full.append(p)
+            partitions, offset = full, offset + SCAN_PAGE
+        return found
+
+    async def sessions_of_host(self, origin_host: str) -> list[str]:
+        """Open session ids whose latest CCR came from `origin_host` (case-insensitive): a scan of every
+        open:{p}, for the rare event of a peer restart."""
+        await self.ready()
+        wanted = origin_host.lower()
+        found: list[str] = []
+        for p in range(self.partitions):
+            start = 0
+            while True:
+                ids = [_text(m) for m in await self.redis.zrange(k.open_key(p), start, start + SCAN_PAGE - 1)]
+                if not ids:
+                    break
+                hosts = await self._pipeline(("HGET", k.ses_key(p, sid), "origin_host") for sid in ids)
+                found.extend(sid for sid, host in zip(ids, hosts, strict=True)
+                             if host is not None and _text(host).lower() == wanted)
+                if len(ids) < SCAN_PAGE:
+                    break
+                start += SCAN_PAGE
+        return found
+
+    # ---- peer registry and per-process request queues (ocs.routing) ------------------------------------
+
+    async def claim_peer(self, peer: str, owner: str, lease_ms: int, state_id: int | None) -> int | None:
+        """This process now holds the connection to `peer` (taking it over from any other). Records the peer's
+        Origin-State-Id and returns the one recorded before (None if none): a change means it restarted."""
+        commands: list[tuple] = [("SET", k.peer_key(peer), owner, "PX", lease_ms)]
+        if state_id is not None:
+            commands.append(("SET", k.peer_state_key(peer), state_id, "GET"))
+        results = await self._pipeline(commands)
+        if state_id is None or results[-1] is None:
+            return None
+        return int(results[-1])
+
+    async def refresh_peers(self, peers: Iterable[str], owner: str, lease_ms: int) -> None:
+        """Extends the lease of every peer this process holds (or takes a lapsed one back); a peer another
+        process has claimed since is left to it."""
+        peers = list(peers)
+        if not peers:
+            return
+        results = await self._pipeline(
+            command for peer in peers
+            for command in (("SET", k.peer_key(peer), owner, "PX", lease_ms, "NX"), ("GET", k.peer_key(peer))))
+        extend = [peer for i, peer in enumerate(peers) if results[2 * i] is None and results[2 * i + 1] is not None
+                  and _text(results[2 * i + 1]) == owner]
+        if extend:
+            await self._pipeline(("PEXPIRE", k.peer_key(peer), lease_ms) for peer in extend)
+
+    async def release_peer(self, peer: str, owner: str) -> None:
+        """The connection to `peer` is gone: drop the registry entry if it is still this process's."""
+        key = k.peer_key(peer)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            try:
+                await pipe.watch(key)
+                current = await pipe.get(key)
+                if current is None or _text(current) != owner:
+                    return
+                pipe.multi()
+                pipe.delete(key)
+                await pipe.execute()
+            except WatchError:
+                pass  # claimed by another process meanwhile: it is theirs now
+
+    async def peer_owner(self, peer: str) -> str | None:
+        """The process holding the connection to `peer`, if its lease is live."""
+        value = await self.redis.get(k.peer_key(peer))
+        return None if value is None else _text(value)
+
+    async def push_request(self, owner: str, payload: bytes, ttl_ms: int) -> None:
+        """Queues a request for process `owner` (the queue vanishes after ttl_ms if nobody takes it)."""
+        await self._pipeline([("RPUSH", k.queue_key(owner), payload), ("PEXPIRE", k.queue_key(owner), ttl_ms)])
+
+    async def take_request(self, owner: str, timeout_s: float) -> bytes | None:
+        """The next request queued for this process, waiting up to timeout_s (BLPOP on a connection of its
+        own, so charging never waits behind it)."""
+        if self._blocking is None:
+            self._blocking = aioredis.Redis(connection_pool=aioredis.ConnectionPool(
+                **self.redis.connection_pool.connection_kwargs))
+        reply = await self._blocking.blpop([k.queue_key(owner)], timeout=timeout_s)
+        return None if reply is None else reply[1]
+
+    async def post_reply(self, request_id: str, payload: bytes, ttl_ms: int) -> None:
+        await self._pipeline([("RPUSH", k.reply_key(request_id), payload),
+                              ("PEXPIRE", k.reply_key(request_id), ttl_ms)])
+
+    async def wait_reply(self, request_id: str, timeout_s: float) -> bytes | None:
+        """The reply to a queued request, or None after timeout_s."""
+        reply = await self.redis.blpop([k.reply_key(request_id)], timeout=timeout_s)
+        return None if reply is None else reply[1]

@@ -20,11 +20,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from billing.cli import register as register_billing
 from ocs.config import Config, ConfigError, load_config
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Online Charging Server (Diameter Gy/Ro)")
 subscriber_app = typer.Typer(no_args_is_help=True, help="Provision and inspect subscribers")
 app.add_typer(subscriber_app, name="subscriber")
+session_app = typer.Typer(no_args_is_help=True, help="Server-initiated messages to the gateway of a session")
+app.add_typer(session_app, name="session")
+register_billing(app)  # bill, invoice, payment, account, cdr, reconcile (billing/cli.py)
 
 console = Console()
 err_console = Console(stderr=True)
@@ -346,12 +350,13 @@ def topup(
     config: Path = ConfigOption,
     json: bool = JsonOption,
 ) -> None:
-    """Add money to a subscriber's balance."""
+    """Add money to a subscriber's balance; a RAR then goes to the gateway of each of its open sessions."""
     cfg = get_config(config)
 
     async def main() -> dict:
         from balances.store import UnknownSubscriber
         from ocs.clock import Clock
+        from ocs.routing import reauth_subscriber
 
         currency, digits = currency_of(cfg)
         micro = parse_amount(amount, digits, currency)
@@ -360,8 +365,12 @@ def topup(
                 result = await store.topup(msisdn, micro, ref, Clock().now_ms())
             except UnknownSubscriber:
                 raise CliError(f"unknown subscriber {msisdn}") from None
+            reauth = []
+            if result.applied:
+                reauth = await reauth_subscriber(store, msisdn, cfg.diameter.answer_timeout_seconds + 1)
         return {"msisdn": msisdn, "amount": micro, "applied": result.applied, "balance": result.balance,
-                "reference": ref, "currency": currency, "digits": digits}
+                "reference": ref, "currency": currency, "digits": digits,
+                "reauth": msgspec.to_builtins(reauth)}
 
     result = run_async(main)
     if json:
@@ -369,6 +378,8 @@ def topup(
     elif result["applied"]:
         console.print(f"{msisdn}: +{format_money(result['amount'], result['digits'])} {result['currency']}, "
                       f"balance {format_money(result['balance'], result['digits'])} {result['currency']}")
+        for item in result["reauth"]:
+            console.print(f"  RAR {item['session_id']}: {_outcome_text(item)}")
     else:
         console.print(f"{msisdn}: reference {ref} was already applied; nothing changed "
                       f"(balance {format_money(result['balance'], result['digits'])} {result['currency']})")
@@ -426,6 +437,71 @@ def sessions(
                       msgspec.json.encode(s.get("reservations", {})).decode())
     console.print(table)
     console.print(f"{len(result)} open session(s)")
+
+
+# ---- server-initiated messages -------------------------------------------------------------------------
+
+
+def _outcome_text(item: dict) -> str:
+    if item.get("error"):
+        return f"failed: {item['error']}"
+    text = f"answered {item.get('result_code')}"
+    if item.get("closed"):
+        text += " (gateway does not know the session: closed, reservations released)"
+    return text
+
+
+def _server_request(kind: str, target: str, config: Path | None, json: bool, timeout: float | None) -> None:
+    """RAR/ASR to SESSION, or to every open session of the subscriber MSISDN; waits for the results."""
+    cfg = get_config(config)
+    wait = timeout if timeout is not None else cfg.diameter.answer_timeout_seconds + 1
+
+    async def main() -> list[dict]:
+        from ocs.routing import send_server_request
+
+        async with StoreSession(cfg) as store:
+            if await store.locate_session(target) is not None:
+                session_ids = [target]
+            elif target.isdigit() and await store.subscriber(target) is not None:
+                session_ids = await store.subscriber_sessions(target)
+            else:
+                raise CliError(f"unknown session or subscriber {target!r}")
+            results = await asyncio.gather(*(send_server_request(store, kind, sid, wait) for sid in session_ids))
+        return [msgspec.to_builtins(r) for r in results]
+
+    if wait <= 0:
+        fail("--timeout must be positive")
+    results = run_async(main)
+    if json:
+        emit_json(results)
+    else:
+        command = "RAR" if kind == "reauth" else "ASR"
+        if not results:
+            console.print(f"{target}: no open sessions")
+        for item in results:
+            console.print(f"{command} {item['session_id']} via {item.get('peer') or '-'}: {_outcome_text(item)}")
+    if any(item.get("error") for item in results):
+        raise typer.Exit(1)
+
+
+TimeoutOption = typer.Option(None, "--timeout", help="Seconds to wait for each answer (default: "
+                             "diameter.answer_timeout_seconds + 1)")
+
+
+@session_app.command("reauth")
+def session_reauth(target: str = typer.Argument(..., metavar="SESSION|MSISDN"), config: Path = ConfigOption,
+                   json: bool = JsonOption, timeout: float | None = TimeoutOption) -> None:
+    """Re-Auth-Request (AUTHORIZE_ONLY) to the gateway of the session, or of each open session of the
+    subscriber: the gateway reports usage and asks for quota again. Exit 1 if any got no answer."""
+    _server_request("reauth", target, config, json, timeout)
+
+
+@session_app.command("abort")
+def session_abort(target: str = typer.Argument(..., metavar="SESSION|MSISDN"), config: Path = ConfigOption,
+                  json: bool = JsonOption, timeout: float | None = TimeoutOption) -> None:
+    """Abort-Session-Request to the gateway of the session, or of each open session of the subscriber: the
+    gateway stops the service and sends its CCR-T (still charged). Exit 1 if any got no answer."""
+    _server_request("abort", target, config, json, timeout)
 
 
 # ---- CDR writer and simulator ------------------------------------------------------------------------

@@ -32,6 +32,16 @@ class Metrics:
         self.peers = Gauge("ocs_connected_peers", "Diameter peers in the open state", registry=self.registry)
         self.cdr_records = Counter("ocs_cdr_records_written", "CDR records written to files",
                                    registry=self.registry)
+        self.server_requests = Counter(
+            "ocs_server_initiated_requests", "RAR/ASR sent, by the answer's result (timeout, undelivered)",
+            ["command", "result"], registry=self.registry,
+        )
+        self.sessions_closed = Counter(
+            "ocs_sessions_closed_outside_ccr", "Sessions closed without a CCR-T (supervision, peer restart, RAA/ASA)",
+            ["cause"], registry=self.registry,
+        )
+        self.shed = Counter("ocs_overload_answers", "CCRs answered 3004 at once because too many were in flight",
+                            ["type"], registry=self.registry)
         self._answer_children: dict[tuple, object] = {}
         self._ccr_latency = self.latency.labels("CCR")
 

@@ -1,8 +1,15 @@
 """`ocs serve`: wires the Diameter transport to credit control, the balance store and the CDR writer.
 
 Start order: Redis (embedded Valkey unless a URL is configured) → balance store → rate cards → Diameter
-listener → CDR writer → /metrics. Stop order on SIGTERM/SIGINT (RFC 6733 §5.4): DPR (REBOOTING) to every
-peer, finish the requests in flight, stop accepting, drain and fsync the CDR streams, stop the embedded Valkey.
+listener → peer registry and request queue (ocs.routing) → session supervision (ocs.supervision) → CDR
+writer → /metrics. Stop order on SIGTERM/SIGINT (RFC 6733 §5.4): stop supervising, DPR (REBOOTING) to every
+peer, finish the requests in flight, stop accepting, leave the peer registry, drain and fsync the CDR
+streams, stop the embedded Valkey.
+
+Overload: every balance-store call is bounded (redis.call_timeout_ms) and a Redis that is down or slow makes
+the CCR a 3004 DIAMETER_TOO_BUSY at once; with too many CCRs in flight in this process, new sessions and
+events (CCR-I, CCR-E) are answered 3004 first (overload.new_sessions_max_in_flight), updates and
+terminations of open sessions only past overload.max_in_flight.
 """
 
 from __future__ import annotations
@@ -16,11 +23,14 @@ from pathlib import Path
 import redis.asyncio as aioredis
 
 from balances.embedded import EmbeddedValkey
+from balances.model import EVENT, INITIAL
 from balances.store import BalanceStore
 from ocs.charging import CreditControl
 from ocs.clock import Clock
 from ocs.config import Config
-from ocs.metrics import Metrics
+from ocs.metrics import REQUEST_TYPES, Metrics
+from ocs.routing import ABORT, REAUTH, Router, ServerRequestResult, reauth_subscriber
+from ocs.supervision import Supervisor, validity_times
 from protocol.codec import Message
 from protocol.peer import PeerSettings
 from protocol.transport import DiameterServer
@@ -30,6 +40,7 @@ from ratecards.schedule import RatingSchedule
 log = logging.getLogger("ocs.server")
 
 CCR = 272
+TOO_BUSY = 3004
 SAFE_REDIS = {"appendonly": "yes", "appendfsync": "always", "maxmemory-policy": "noeviction"}
 
 
@@ -119,6 +130,12 @@ class ServerApp:
         self._cdr_task: asyncio.Task | None = None
         self._gauge_task: asyncio.Task | None = None
         self._stopped = asyncio.Event()
+        self.router: Router | None = None
+        self.supervisor: Supervisor | None = None
+        self._supervision_stop = asyncio.Event()
+        self._supervision_task: asyncio.Task | None = None
+        self._restarts: set[tuple[str, int]] = set()  # (peer, new Origin-State-Id) already handled
+        self._tasks: set[asyncio.Task] = set()
 
     @property
     def port(self) -> int:
@@ -127,7 +144,8 @@ class ServerApp:
 
     async def start(self) -> None:
         url = self.redis.start()
-        self.store = await BalanceStore.connect(url, partitions=self.config.redis.partitions)
+        self.store = await BalanceStore.connect(url, partitions=self.config.redis.partitions,
+                                                call_timeout=self.config.redis.call_timeout_ms / 1000)
         await warn_if_unsafe(self.store.redis)
         plans, defaults = compiled_plans(self.config)
         d = self.config.diameter
@@ -140,7 +158,11 @@ class ServerApp:
             clock=self.clock,
             metrics=self.metrics,
             unknown_session_termination_result=d.unknown_session_termination_result,
+            cc_session_failover=1 if d.cc_session_failover else None,
+            accept_unknown_service_context=self.config.charging.accept_unknown_service_context,
         )
+        self.supervisor = Supervisor(self.store, self.clock, self.config.charging, validity_times(plans),
+                                     self.metrics)
         settings = PeerSettings(
             origin_host=d.origin_host,
             origin_realm=d.origin_realm,
@@ -157,6 +179,14 @@ class ServerApp:
         )
         self.diameter = DiameterServer(settings, self)
         await self.diameter.start(d.listen_host, d.port)
+        self.router = Router(self.store, origin_host=d.origin_host, origin_realm=d.origin_realm,
+                             peers=lambda: self.diameter.peers if self.diameter is not None else [],
+                             clock=self.clock, lease_seconds=d.peer_lease_seconds,
+                             answer_timeout=d.answer_timeout_seconds, on_peer_restart=self._peer_restarted,
+                             metrics=self.metrics)
+        self.router.start()
+        self._supervision_task = asyncio.get_running_loop().create_task(
+            self.supervisor.run(self._supervision_stop))
         if self.config.cdr.enabled:
             self._start_cdr_writer()
         if self.config.metrics.port:
@@ -195,8 +225,18 @@ class ServerApp:
         if self._stopped.is_set():
             return
         self._stopped.set()
+        self._supervision_stop.set()
+        if self._supervision_task is not None:
+            await asyncio.gather(self._supervision_task, return_exceptions=True)
         if self.diameter is not None:
             await self.diameter.shutdown()
+        if self.router is not None:
+            await self.router.stop()
+        if self._tasks:  # a restarted peer's sessions being closed: let it finish, within bounds
+            await asyncio.wait(list(self._tasks), timeout=10)
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._gauge_task is not None:
             self._gauge_task.cancel()
         if self._cdr_task is not None:
@@ -221,21 +261,68 @@ class ServerApp:
         finally:
             await self.stop()
 
+    # ---- server-initiated messages ------------------------------------------------------------------------
+
+    async def reauth(self, session_id: str) -> ServerRequestResult:
+        """RAR for one session, sent on whichever process holds its gateway's connection."""
+        assert self.router is not None
+        return await self.router.request(REAUTH, session_id)
+
+    async def abort(self, session_id: str) -> ServerRequestResult:
+        """ASR for one session; the session stays open until the gateway's CCR-T (or is closed on ASA 5002)."""
+        assert self.router is not None
+        return await self.router.request(ABORT, session_id)
+
+    async def subscriber_changed(self, msisdn: str) -> list[ServerRequestResult]:
+        """The hook after a top-up or a plan change: RAR to every open session of the subscriber."""
+        assert self.store is not None and self.router is not None
+        return await reauth_subscriber(self.store, msisdn, self.config.diameter.answer_timeout_seconds,
+                                       self.router)
+
+    def _spawn(self, awaitable) -> None:
+        task = asyncio.ensure_future(awaitable)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _peer_restarted(self, origin_host: str, state_id: int, opened_ms: int) -> None:
+        """Closes the sessions a restarted peer had before it reconnected (once per new Origin-State-Id)."""
+        key = (origin_host.lower(), state_id)
+        if key in self._restarts or self.supervisor is None:
+            return
+        self._restarts.add(key)
+        self._spawn(self.supervisor.close_peer_sessions(origin_host, opened_ms))
+
     # ---- protocol.transport.RequestHandler ------------------------------------------------------------
 
     def peer_opened(self, peer, event) -> None:
         log.info("peer %s (%s) open", event.origin_host, peer.remote_address)
+        if self.router is not None:
+            self.router.peer_opened(peer, event.origin_state_id)
 
     def peer_closed(self, peer) -> None:
         log.info("peer %s closed", getattr(peer, "origin_host", None))
+        if self.router is not None:
+            self.router.peer_closed(peer)
 
     def peer_restarted(self, peer, event) -> None:
         log.info("peer %s restarted (Origin-State-Id %s → %s)", event.origin_host, event.old_state_id,
                  event.new_state_id)
+        self._peer_restarted(event.origin_host, event.new_state_id, self.clock.now_ms())
 
     def handle_answer(self, peer, message: Message) -> None:
-        pass
+        log.info("late answer (command %d, %s) from %s ignored", message.command_code, message.session_id,
+                 peer.origin_host)
 
     def handle_request(self, peer, message: Message):
-        assert self.credit_control is not None
-        return self.credit_control.answer(message)
+        """A CCR: answered 3004 at once when too many are in flight (new sessions first), else charged."""
+        assert self.credit_control is not None and self.diameter is not None
+        in_flight = self.diameter.in_flight - 1  # the transport counts this request already
+        overload = self.config.overload
+        if in_flight >= overload.new_sessions_max_in_flight:
+            request_type = message.get("CC-Request-Type")
+            if in_flight >= overload.max_in_flight or request_type in (INITIAL, EVENT):
+                self.metrics.shed.labels(REQUEST_TYPES.get(request_type, "unknown")).inc()
+                self.metrics.observe_answer(request_type, TOO_BUSY)
+                return peer.connection.build_error_answer(message, TOO_BUSY,
+                                                          error_message="too many requests in flight")
+        return self.credit_control.answer(message, peer.origin_host)

@@ -11,6 +11,7 @@ import asyncio
 import itertools
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from protocol.codec import Message, decode_message, encode_answer, encode_message
@@ -47,6 +48,8 @@ class GyClientProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.closed = asyncio.get_running_loop().create_future()
         self.disconnect_causes: list[int] = []  # Disconnect-Cause of every DPR the server sent
+        # other requests from the server (RAR, ASR): given to this callable, which writes the answer
+        self.on_request: Callable[[Message], None] | None = None
         self._hop = itertools.count(int.from_bytes(os.urandom(3), "big") << 8)
         self._e2e = itertools.count((int(time.time()) & 0xFFF) << 20)
 
@@ -75,6 +78,8 @@ class GyClientProtocol(asyncio.Protocol):
                     self.transport.write(encode_answer(message, [
                         ("Result-Code", 2001), ("Origin-Host", self.origin_host),
                         ("Origin-Realm", self.origin_realm)]))
+                elif self.on_request is not None:
+                    self.on_request(message)
                 continue
             future = self.pending.pop(message.hop_by_hop, None)
             if future is not None and not future.done():
@@ -90,12 +95,14 @@ class GyClientProtocol(asyncio.Protocol):
         return future
 
 
-async def open_client(host: str, port: int, origin_host: str, origin_realm: str) -> GyClientProtocol:
+async def open_client(host: str, port: int, origin_host: str, origin_realm: str,
+                      origin_state_id: int | None = None) -> GyClientProtocol:
     loop = asyncio.get_running_loop()
     _, client = await loop.create_connection(lambda: GyClientProtocol(origin_host, origin_realm), host, port)
     cea = await asyncio.wait_for(client.request(CER, 0, [
         ("Origin-Host", origin_host), ("Origin-Realm", origin_realm), ("Host-IP-Address", "127.0.0.1"),
-        ("Vendor-Id", 0), ("Product-Name", "ocs-simulator"), ("Origin-State-Id", int(time.time())),
+        ("Vendor-Id", 0), ("Product-Name", "ocs-simulator"),
+        ("Origin-State-Id", int(time.time()) if origin_state_id is None else origin_state_id),
         ("Supported-Vendor-Id", 10415), ("Auth-Application-Id", 4)]), 10)
     if cea.get("Result-Code") != 2001:
         raise ConnectionError(f"CER rejected with {cea.get('Result-Code')}")

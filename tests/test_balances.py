@@ -29,7 +29,7 @@ from balances.model import (
     Subscriber,
     Units,
 )
-from balances.store import BalanceStore, SubscriberExists, UnknownSubscriber
+from balances.store import BalanceStore, StoreUnavailable, SubscriberExists, UnknownSubscriber
 from tests.test_charge_script import CENT, NOW, buckets, ccr, cdrs, mscc, schedule, subscriber
 
 
@@ -164,7 +164,7 @@ async def test_session_index_open_sessions_and_close_session(store, valkey_url):
     assert await other.locate_session("gx;1") == at
     sessions = await other.open_sessions(limit=1)
     assert sessions == [{"session_id": "gx;1", "partition": at.partition, "msisdn": at.msisdn, "plan": "demo",
-                         "created": NOW, "last": NOW, "origin_host": "",
+                         "created": NOW, "last": NOW, "origin_host": "", "peer": "",
                          "reservations": {10: {"granted": 10_240, "buckets": {"money": CENT}}}}]
     assert await other.close_session("gx;1", "timeLimit", NOW + 600_000)
     assert not await other.close_session("gx;1", "timeLimit", NOW + 600_001)
@@ -247,7 +247,8 @@ async def test_connection_errors_fail_every_call_of_the_batch():
     store._partitions = 4  # skip install: nothing listens there
     results = await asyncio.gather(*(store.charge(ccr(Location(0, "4917", "demo"), f"x{i}", INITIAL, 0, []))
                                      for i in range(3)), return_exceptions=True)
-    assert all(isinstance(r, RedisConnectionError) for r in results)
+    # the caller sees a ConnectionError (charging answers 3004), caused by the Redis error
+    assert all(isinstance(r, StoreUnavailable) and isinstance(r.__cause__, RedisConnectionError) for r in results)
     assert store.pipelines_sent == 1
     await store.redis.aclose()
 

@@ -55,3 +55,16 @@ def test_bad_values_name_the_field(tmp_path, text, fragment):
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.toml", environ={})
+
+
+def test_session_and_overload_settings_are_checked():
+    from ocs.config import ConfigError, load_config
+
+    config = load_config(None, environ={"OCS_CHARGING__TCC_MAX_SECONDS": "900", "OCS_REDIS__CALL_TIMEOUT_MS": "250",
+                                        "OCS_DIAMETER__CC_SESSION_FAILOVER": "false"})
+    assert config.charging.tcc_max_seconds == 900 and config.redis.call_timeout_ms == 250
+    assert config.diameter.cc_session_failover is False
+    for bad in ({"OCS_CHARGING__TCC_MIN_SECONDS": "0"}, {"OCS_CHARGING__TCC_MIN_SECONDS": "20000"},
+                {"OCS_REDIS__CALL_TIMEOUT_MS": "0"}, {"OCS_OVERLOAD__NEW_SESSIONS_MAX_IN_FLIGHT": "9000"}):
+        with pytest.raises(ConfigError):
+            load_config(None, environ=bad)

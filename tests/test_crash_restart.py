@@ -75,7 +75,7 @@ async def test_kill_mid_session_then_continue(valkey_url, tmp_path):
 
     server = start_server(env, port)
     try:
-        client = await open_client("127.0.0.1", port, "gw-crash.test", "sim.test")
+        client = await open_client("127.0.0.1", port, "gw-crash.test", "sim.test", origin_state_id=1)
         assert (await send(client, 1, 0, None)).get("Result-Code") == 2001
         for number in (1, 2):
             assert (await send(client, 2, number, used[number - 1])).get("Result-Code") == 2001
@@ -84,7 +84,7 @@ async def test_kill_mid_session_then_continue(valkey_url, tmp_path):
         client.transport.close()
 
         server = start_server(env, port)  # a fresh process: session state lives in Redis
-        client = await open_client("127.0.0.1", port, "gw-crash.test", "sim.test")
+        client = await open_client("127.0.0.1", port, "gw-crash.test", "sim.test", origin_state_id=1)
         # the gateway retransmits the last request it may not have seen answered: no second debit
         assert (await send(client, 2, 2, used[1])).get("Result-Code") == 2001
         for number in (3, 4):
