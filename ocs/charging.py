@@ -308,6 +308,7 @@ class CreditControl:
         unknown_session_termination_result: int = UNKNOWN_SESSION_ID,
         cc_session_failover: int | None = None,
         accept_unknown_service_context: bool = False,
+        failure_handling: Any = None,
     ) -> None:
         self.origin_host = origin_host
         self.origin_realm = origin_realm
@@ -321,6 +322,8 @@ class CreditControl:
         # a Service-Context-Id outside KNOWN_SERVICE_CONTEXTS: 5031 RATING_FAILED, or accepted when True
         self.accept_unknown_service_context = accept_unknown_service_context
         self.default_rating_groups = dict(default_rating_groups or {})
+        self._failure_handling = failure_handling
+        self._failure_hints: dict[tuple[str, str], list[bytes]] = {}
         self._identity = [("Origin-Host", origin_host), ("Origin-Realm", origin_realm)]
         self.set_plans(plans)
 
@@ -542,7 +545,33 @@ class CreditControl:
             avps.append(("CC-Request-Number", request_number))
         if self.cc_session_failover is not None:
             avps.append(("CC-Session-Failover", self.cc_session_failover))
+        if self._failure_handling is not None:
+            avps.extend(self._hints_for(message.get("Origin-Host") or "", message.get("Origin-Realm") or ""))
         return avps
+
+    def _hints_for(self, host: str, realm: str) -> list[bytes]:
+        """CCFH/DDFH for this gateway (a peer rule, else a realm rule, else the default), encoded once per
+        (host, realm) and cached."""
+        key = (host, realm)
+        hints = self._failure_hints.get(key)
+        if hints is None:
+            from ocs.config import CCFH_VALUES, DDFH_VALUES
+
+            config = self._failure_handling
+            ccfh, ddfh = config.credit_control_failure_handling, config.direct_debiting_failure_handling
+            by_peer = [r for r in config.rules if r.peer is not None and r.peer.lower() == host.lower()]
+            by_realm = [r for r in config.rules if r.realm is not None and r.realm.lower() == realm.lower()]
+            for rule in (by_peer or by_realm)[:1]:
+                ccfh = rule.credit_control_failure_handling or ccfh
+                ddfh = rule.direct_debiting_failure_handling or ddfh
+            hints = []
+            if ccfh is not None:
+                hints.append(encode_avp("Credit-Control-Failure-Handling", CCFH_VALUES[ccfh]))
+            if ddfh is not None:
+                hints.append(encode_avp("Direct-Debiting-Failure-Handling", DDFH_VALUES[ddfh]))
+            if len(self._failure_hints) < 10_000:
+                self._failure_hints[key] = hints
+        return hints
 
     def _trailer(self, message: Message) -> list:
         return [bytes(p.raw) for p in message.find_all("Proxy-Info")]

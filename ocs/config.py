@@ -89,6 +89,29 @@ class OverloadConfig(msgspec.Struct, forbid_unknown_fields=True):
     max_in_flight: int = 5_000
 
 
+CCFH_VALUES = {"TERMINATE": 0, "CONTINUE": 1, "RETRY_AND_TERMINATE": 2}
+DDFH_VALUES = {"TERMINATE_OR_BUFFER": 0, "CONTINUE": 1}
+
+
+class FailureHandlingRule(msgspec.Struct, forbid_unknown_fields=True):
+    """Hints for the gateways matching `peer` (Origin-Host) or `realm` (Origin-Realm); a peer rule wins."""
+
+    peer: str | None = None
+    realm: str | None = None
+    credit_control_failure_handling: str | None = None
+    direct_debiting_failure_handling: str | None = None
+
+
+class FailureHandlingConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """What a gateway should do when we do not answer in its Tx (RFC 4006 §5.7): sent in every CCA as
+    Credit-Control-Failure-Handling / Direct-Debiting-Failure-Handling. Tx itself is the client's timer and
+    has no AVP; these tell it what to do when Tx expires. None sends nothing (the client's default)."""
+
+    credit_control_failure_handling: str | None = None  # TERMINATE | CONTINUE | RETRY_AND_TERMINATE
+    direct_debiting_failure_handling: str | None = None  # TERMINATE_OR_BUFFER | CONTINUE
+    rules: list[FailureHandlingRule] = msgspec.field(default_factory=list)
+
+
 class MetricsConfig(msgspec.Struct, forbid_unknown_fields=True):
     host: str = "127.0.0.1"
     port: int = 9464  # 0 disables /metrics
@@ -102,6 +125,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     cdr: CdrConfig = msgspec.field(default_factory=CdrConfig)
     overload: OverloadConfig = msgspec.field(default_factory=OverloadConfig)
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
+    failure_handling: FailureHandlingConfig = msgspec.field(default_factory=FailureHandlingConfig)
 
     @property
     def cdr_directory(self) -> Path:
@@ -189,6 +213,15 @@ def _check(config: Config) -> None:
         raise ConfigError("diameter.max_message_length must be at least 20")
     if d.unknown_session_termination_result not in (5002, 2001):
         raise ConfigError("diameter.unknown_session_termination_result must be 5002 or 2001")
+    handling = config.failure_handling
+    for where, rule in [("failure_handling", handling)] + [
+            (f"failure_handling.rules[{n}]", r) for n, r in enumerate(handling.rules)]:
+        if rule.credit_control_failure_handling not in (None, *CCFH_VALUES):
+            raise ConfigError(f"{where}.credit_control_failure_handling must be one of {', '.join(CCFH_VALUES)}")
+        if rule.direct_debiting_failure_handling not in (None, *DDFH_VALUES):
+            raise ConfigError(f"{where}.direct_debiting_failure_handling must be one of {', '.join(DDFH_VALUES)}")
+        if rule is not handling and (rule.peer is None) == (rule.realm is None):
+            raise ConfigError(f"{where} needs exactly one of peer or realm")
     if not 1 <= config.redis.partitions <= 999:
         raise ConfigError(f"redis.partitions must be 1..999, got {config.redis.partitions}")
     if config.redis.url is not None and not config.redis.url.startswith(

@@ -160,6 +160,7 @@ class ServerApp:
             unknown_session_termination_result=d.unknown_session_termination_result,
             cc_session_failover=1 if d.cc_session_failover else None,
             accept_unknown_service_context=self.config.charging.accept_unknown_service_context,
+            failure_handling=self.config.failure_handling,
         )
         self.supervisor = Supervisor(self.store, self.clock, self.config.charging, validity_times(plans),
                                      self.metrics)
