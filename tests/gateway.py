@@ -185,13 +185,15 @@ class RedisProxy:
         self.flowing.set()
 
 
-async def start_app(valkey_url: str, data_dir: Path, clock=None, **settings: str):
-    """An in-process `ocs serve` on a free port against the test Valkey (supervision only when swept by hand)."""
+async def start_app(valkey_url: str, data_dir: Path, clock=None, config_file: Path | None = None,
+                    **settings: str):
+    """An in-process `ocs serve` on a free port against the test Valkey (supervision only when swept by hand);
+    `settings` are OCS_* environment variables on top of `config_file`."""
     from ocs.config import load_config
     from ocs.server import ServerApp
 
     environ = {"OCS_REDIS_URL": valkey_url, "OCS_PORT": "0", "OCS_METRICS_PORT": "0", "OCS_DATA_DIR": str(data_dir),
                "OCS_CHARGING__SUPERVISION_INTERVAL_SECONDS": "3600", **settings}
-    app = ServerApp(load_config(None, environ=environ), clock)
+    app = ServerApp(load_config(config_file, environ=environ), clock)
     await app.start()
     return app

@@ -35,9 +35,9 @@ from diameter.message.constants import (
 )
 
 from balances.model import Subscriber
-from ocs.config import load_config
 from ocs.server import ServerApp, compiled_plans
 from ratecards.pricing import amount_for_units
+from tests.gateway import start_app
 
 MSISDN = "491709990001"
 MONEY = 5_000_000  # 5.00 EUR
@@ -121,14 +121,7 @@ class BlockingDiameterClient:
 
 @pytest.fixture
 async def server(valkey_url, tmp_path):
-    config = load_config(None, environ={
-        "OCS_REDIS_URL": valkey_url,
-        "OCS_PORT": "0",
-        "OCS_METRICS_PORT": "0",
-        "OCS_DATA_DIR": str(tmp_path),
-    })
-    app = ServerApp(config)
-    await app.start()
+    app = await start_app(valkey_url, tmp_path)
     await app.store.provision(Subscriber(msisdn=MSISDN, imsi="262019990000001", plan="demo"), money=MONEY,
                               allowances={})
     yield app

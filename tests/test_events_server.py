@@ -7,10 +7,10 @@ import asyncio
 import pytest
 
 from balances.model import Subscriber
-from ocs.config import load_config
-from ocs.server import ServerApp, compiled_plans
+from ocs.server import compiled_plans
 from ratecards.pricing import amount_for_units
 from simulators.gy import CCR, FLAG_PROXIABLE, FLAG_REQUEST, close_client, open_client
+from tests.gateway import start_app
 
 MSISDN = "491706660001"
 MONEY = 1_000_000
@@ -19,10 +19,7 @@ SMS_RG = 300
 
 @pytest.fixture
 async def server(valkey_url, tmp_path):
-    config = load_config(None, environ={"OCS_REDIS_URL": valkey_url, "OCS_PORT": "0", "OCS_METRICS_PORT": "0",
-                                        "OCS_DATA_DIR": str(tmp_path)})
-    app = ServerApp(config)
-    await app.start()
+    app = await start_app(valkey_url, tmp_path)
     await app.store.provision(Subscriber(msisdn=MSISDN, plan="demo"), money=MONEY, allowances={})
     yield app
     await app.stop()

@@ -8,8 +8,8 @@ import pytest
 
 from balances.model import Subscriber
 from ocs.config import ConfigError, load_config
-from ocs.server import ServerApp
 from simulators.gy import CCR, FLAG_PROXIABLE, FLAG_REQUEST, close_client, open_client
+from tests.gateway import start_app
 
 MSISDN = "491705550001"
 
@@ -28,10 +28,7 @@ direct_debiting_failure_handling = "TERMINATE_OR_BUFFER"
   peer = "pgw9.strict.test"
   credit_control_failure_handling = "RETRY_AND_TERMINATE"
 """)
-    config = load_config(conf, environ={"OCS_REDIS_URL": valkey_url, "OCS_PORT": "0", "OCS_METRICS_PORT": "0",
-                                        "OCS_DATA_DIR": str(tmp_path)})
-    app = ServerApp(config)
-    await app.start()
+    app = await start_app(valkey_url, tmp_path, config_file=conf)
     await app.store.provision(Subscriber(msisdn=MSISDN, plan="demo"), money=1_000_000, allowances={})
     yield app
     await app.stop()

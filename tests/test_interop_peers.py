@@ -17,8 +17,7 @@ from pathlib import Path
 import pytest
 
 from balances.model import Subscriber
-from ocs.config import load_config
-from ocs.server import ServerApp
+from tests.gateway import start_app
 
 MSISDN, IMSI = "491700000001", "262010000000001"
 
@@ -49,10 +48,7 @@ def otp_client(tmp_path_factory) -> Path:
 
 @pytest.fixture
 async def server(valkey_url, tmp_path):
-    config = load_config(None, environ={"OCS_REDIS_URL": valkey_url, "OCS_PORT": "0", "OCS_METRICS_PORT": "0",
-                                        "OCS_DATA_DIR": str(tmp_path), "OCS_ORIGIN_HOST": "ocs.ocs.test"})
-    app = ServerApp(config)
-    await app.start()
+    app = await start_app(valkey_url, tmp_path, OCS_ORIGIN_HOST="ocs.ocs.test")
     await app.store.provision(Subscriber(msisdn=MSISDN, imsi=IMSI, plan="demo"), money=10_000_000,
                               allowances={"data": 1 << 30})
     yield app

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from balances.model import Subscriber
-from ocs.config import load_config
 from ocs.server import ServerApp
 from simulators.gy import CCR, FLAG_PROXIABLE, FLAG_REQUEST, close_client, open_client
+from tests.gateway import start_app
 
 RATECARD = """
 version = "quota-1"
@@ -109,10 +109,7 @@ CENT = 10_000
 async def start(valkey_url: str, tmp_path: Path, **env: str) -> ServerApp:
     card = tmp_path / "quota.toml"
     card.write_text(RATECARD)
-    config = load_config(None, environ={"OCS_REDIS_URL": valkey_url, "OCS_PORT": "0", "OCS_METRICS_PORT": "0",
-                                        "OCS_DATA_DIR": str(tmp_path), "OCS_RATECARD": str(card), **env})
-    app = ServerApp(config)
-    await app.start()
+    app = await start_app(valkey_url, tmp_path, OCS_RATECARD=str(card), **env)
     for msisdn, money, plan in ((RICH, 10_000_000, "quota"), (POOR, 30_000, "quota"), (EMPTY, 0, "quota"),
                                 (PLAIN, 100_000, "plain")):
         await app.store.provision(Subscriber(msisdn=msisdn, plan=plan), money=money, allowances={})

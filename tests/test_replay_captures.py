@@ -15,11 +15,10 @@ import pytest
 from diameter.message import Message as PdMessage
 
 from balances.model import Subscriber
-from ocs.config import load_config
-from ocs.server import ServerApp
 from protocol.codec import Message, decode_message
 from simulators.gy import open_client
 from simulators.pcap import Frame, read_diameter
+from tests.gateway import start_app
 
 GY_CAPTURES = [
     "magma_gx_gy_combined_03_210505_132953-1.pcapng",
@@ -93,10 +92,7 @@ async def test_replay_gets_the_captures_results(capture, captures, valkey_url, t
                      for m in r.find_all("Multiple-Services-Credit-Control") if m.get("Rating-Group") is not None}
     card = tmp_path / "replay.toml"
     card.write_text(ratecard_for(rating_groups or {1}))
-    config = load_config(None, environ={"OCS_REDIS_URL": valkey_url, "OCS_PORT": "0", "OCS_METRICS_PORT": "0",
-                                        "OCS_DATA_DIR": str(tmp_path), "OCS_RATECARD": str(card)})
-    server = ServerApp(config)
-    await server.start()
+    server = await start_app(valkey_url, tmp_path, OCS_RATECARD=str(card))
     try:
         for msisdn, imsi in subscribers_of(requests).items():
             await server.store.provision(Subscriber(msisdn=msisdn, imsi=imsi, plan="replay"),

@@ -13,10 +13,10 @@ import pytest
 from diameter.message import Message as PdMessage
 
 from balances.model import Subscriber
-from ocs.config import load_config
 from ocs.server import ServerApp
 from protocol.codec import Message, decode_message
 from simulators.gy import open_client
+from tests.gateway import start_app
 
 RATECARD = """version = "vectors"
 currency = "EUR"
@@ -50,10 +50,7 @@ def vector(shared: Path, name: str) -> bytes:
 async def start(valkey_url: str, tmp_path: Path, **env: str) -> ServerApp:
     card = tmp_path / "vectors.toml"
     card.write_text(RATECARD)
-    config = load_config(None, environ={"OCS_REDIS_URL": valkey_url, "OCS_PORT": "0", "OCS_METRICS_PORT": "0",
-                                        "OCS_DATA_DIR": str(tmp_path), "OCS_RATECARD": str(card), **env})
-    server = ServerApp(config)
-    await server.start()
+    server = await start_app(valkey_url, tmp_path, OCS_RATECARD=str(card), **env)
     await server.store.provision(Subscriber(msisdn=OPTIVA_MSISDN, imsi=OPTIVA_IMSI, plan="vectors"),
                                  money=10_000_000, allowances={})
     return server
