@@ -1,7 +1,8 @@
 """Micro-benchmark of the Diameter codec on the per-CCR hot path.
 
 Measures (1) decoding a realistic Gy CCR-U (PS-Information, one MSCC with USU + RSU) and reading the
-fields the charging logic needs, and (2) encoding the CCA (one MSCC with GSU and Validity-Time).
+fields the charging logic needs, (2) `validate()`, the RFC 6733 walk every request gets, and (3) encoding
+the CCA (one MSCC with GSU and Validity-Time).
 Run: `.venv/bin/python benchmarks/codec_bench.py`; prints µs per operation (best of several rounds).
 """
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from protocol.codec import decode_message, encode_answer, encode_message  # noqa: E402
+from protocol.codec import _PASSED_GROUPS, decode_message, encode_answer, encode_message, validate  # noqa: E402
 
 SESSION_ID = "pgw01.epc.mnc002.mcc422.3gppnetwork.org;3832384998;1;42"
 
@@ -108,6 +109,7 @@ def encode_cca(request) -> bytes:
 
 def one_ccr(frame: bytes) -> bytes:
     request = decode_message(frame)
+    validate(request)  # the peer layer runs it on every request before the handler sees it
     read_fields(request)
     return encode_cca(request)
 
@@ -123,11 +125,17 @@ def main() -> None:
     request = decode_message(frame)
     print(f"CCR-U: {len(frame)} bytes, {len(request.avps)} top-level AVPs; "
           f"CCA: {len(encode_cca(request))} bytes")
-    measure("decode CCR-U header + top-level walk", lambda: decode_message(frame), 20000)
+    decoded = measure("decode CCR-U header + top-level walk", lambda: decode_message(frame), 20000)
     measure("decode CCR-U + read Session-Id, CC-Req-*, MSCC/RG/USU/RSU",
             lambda: read_fields(decode_message(frame)), 20000)
+    validated = measure("decode CCR-U + validate (RFC 6733 5001/5014 walk), groups seen before",
+                        lambda: validate(decode_message(frame)), 20000)
+    print(f"{'  of which validate':<58} {validated - decoded:7.2f} µs/op")
+    first = measure("decode CCR-U + validate, its groups never seen before",
+                    lambda: (_PASSED_GROUPS.clear(), validate(decode_message(frame))), 20000)
+    print(f"{'  of which validate':<58} {first - decoded:7.2f} µs/op")
     measure("encode CCA (MSCC with GSU + Validity-Time, Proxy-Info)", lambda: encode_cca(request), 20000)
-    measure("decode + read + encode (one CCR's codec cost)", lambda: one_ccr(frame), 10000)
+    measure("decode + validate + read + encode (one CCR's codec cost)", lambda: one_ccr(frame), 10000)
 
 
 if __name__ == "__main__":

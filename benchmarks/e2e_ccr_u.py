@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -38,6 +40,18 @@ def wait_port(port: int, timeout: float = 20.0) -> None:
         except OSError:
             time.sleep(0.1)
     raise RuntimeError(f"server did not listen on {port}")
+
+
+def child_pid(pid: int, timeout: float = 10.0) -> int:
+    """The (first) child process of `pid`, from /proc; waits for it to appear."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            children = (task / "children").read_text().split()
+            if children:
+                return int(children[0])
+        time.sleep(0.05)
+    raise RuntimeError(f"process {pid} has no child")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -78,8 +92,8 @@ def main() -> None:
         try:
             wait_port(args.port)
             valkey_pid = int(subprocess.check_output(["pgrep", "-f", f"valkey-server.*:{valkey.port}"]).split()[0])
-            ocs_pid = server.pid if not args.profile else int(
-                subprocess.check_output(["pgrep", "-f", "-n", "ocs serve"]).split()[0])
+            # under py-spy the server is py-spy's child; never look it up by name (other runs may exist)
+            ocs_pid = server.pid if not args.profile else child_pid(server.pid)
             cpu_before = {"ocs": cpu_seconds(ocs_pid), "valkey": cpu_seconds(valkey_pid)}
             client_before = time.process_time()
             settings = SimulationSettings(port=args.port, sessions=args.sessions, updates=args.updates,
@@ -93,7 +107,8 @@ def main() -> None:
             }
         finally:
             if args.profile:
-                subprocess.run(["pkill", "-INT", "-f", "-n", "ocs serve"])
+                with contextlib.suppress(RuntimeError, ProcessLookupError):
+                    os.kill(child_pid(server.pid), signal.SIGINT)  # py-spy writes its file when it exits
             else:
                 server.terminate()
             server.wait(timeout=60)

@@ -6,7 +6,7 @@ Rules of this file:
   one immutable buffer; a grouped AVP's children and an AVP's typed value are decoded only when read,
   then cached. A CCR handler that reads ten AVPs pays for ten values, not for the whole tree.
 - Decoding is liberal (non-zero padding, any M/P flags on known AVPs, any AVP order); `validate` does
-  the full recursive walk for the errors RFC 6733 requires us to answer (5014, 5001).
+  the full walk for the errors RFC 6733 requires us to answer (5014, 5001), over the raw bytes.
 - Encoding is strict: zero padding, V and Vendor-Id for vendor AVPs, M from the table, never P.
   Encoders are built once per AvpDef (a pre-packed header and one struct call for fixed-size types).
 
@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import ipaddress
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
 from functools import partial
+from itertools import compress, repeat
 from typing import Any
 
 from protocol.dictionary import (
@@ -627,30 +628,121 @@ def validate(message: Message, *, unknown_mandatory_vendor_allowlist: frozenset[
     length is 5014. Unknown AVPs with M set are 5001 unless their vendor is allow-listed; an unknown AVP
     is never looked into, so M bits inside an unknown grouped AVP with M clear are ignored as §4.4 allows.
     The content of a Failed-AVP (in answers) is someone else's offending AVP and is not checked.
+
+    Which error is "first": a container's AVP headers are all length-checked before any of its AVPs is
+    judged, then its AVPs are judged in wire order, depth first. This runs on every request, so it is a
+    walk over the raw buffer that creates no Avp objects (see `_CHECK_BY_INT`); it reuses the top-level
+    index `decode_message` already built.
     """
-    _validate(message.avps, unknown_mandatory_vendor_allowlist)
+    _validate_raw(message._buf, message._keys, message._starts, unknown_mandatory_vendor_allowlist)
 
 
-def _validate(avps: list[Avp], allowlist: frozenset[int]) -> None:
-    for avp in avps:
-        definition = _DEF_BY_INT.get(avp.code | avp.vendor << 32)
-        if definition is None:
-            if avp.flags & AVP_FLAG_MANDATORY and avp.vendor not in allowlist:
-                raise DecodeError(DIAMETER_AVP_UNSUPPORTED, f"AVP {avp.name} with the M bit is not supported",
-                                  avp.raw)
-            continue
-        kind = definition.type
-        if kind is _GROUPED:
-            if avp.code != _FAILED_AVP_CODE or avp.vendor:  # Failed-AVP holds other nodes' broken AVPs
-                _validate(avp.children, allowlist)
-            continue
-        size = _FIXED_SIZES.get(kind)
-        if size is not None and avp._end - avp._data != size:
-            raise DecodeError(
-                DIAMETER_INVALID_AVP_LENGTH,
-                f"AVP {definition.name} has {avp._end - avp._data} bytes of data, expected {size}",
-                avp.raw,
-            )
+# What validate must check per known AVP key: _NOTHING for variable-length types, the data size for
+# fixed-size types, _GROUP to look inside, and nothing for the base Failed-AVP (someone else's AVP).
+_NOTHING = 0
+_GROUP = -1
+_CHECK_BY_INT: dict[int, int] = {
+    key: _GROUP if definition.type is _GROUPED else _FIXED_SIZES.get(definition.type, _NOTHING)
+    for key, definition in _DEF_BY_INT.items()
+}
+_CHECK_BY_INT[_FAILED_AVP_CODE] = _NOTHING
+_UNKNOWN = -2
+
+
+def _validate_raw(buf: bytes, keys: list[int], starts: list[int], allowlist: frozenset[int]) -> None:
+    """validate() over the top-level AVPs (already walked by decode_message), then depth first.
+
+    Each container is walked once: its headers are length-checked and fixed sizes compared on the way,
+    and only groups, unknown AVPs and wrong sizes are listed to be judged in order after the walk.
+    Containers wait on a stack of iterators, so a deeply nested message cannot exhaust the Python stack.
+    A large group whose exact bytes passed before passes again without a walk (`_PASSED_GROUPS`): a
+    gateway repeats the same Service-Information in every CCR-U of a session.
+    """
+    checks = list(map(_CHECK_BY_INT.get, keys, repeat(_UNKNOWN)))
+    unpack_u32 = _unpack_u32
+    top: list[tuple[int, int, int, int]] = []
+    for i in compress(range(len(keys)), checks):  # the AVPs whose check is not _NOTHING
+        check, start = checks[i], starts[i]
+        flags_length = unpack_u32(buf, start + 4)[0]
+        if check > 0 and (flags_length & 0xFFFFFF) - (12 if flags_length & 0x80000000 else 8) == check:
+            continue  # a fixed-size AVP of the right size
+        top.append((check, keys[i], start, flags_length))
+    passed = _PASSED_GROUPS.get(allowlist)
+    if passed is None or len(passed) >= _PASSED_GROUPS_SIZE:
+        passed = _PASSED_GROUPS[allowlist] = {}  # (cleared when full: cheaper than an LRU, rarely hit)
+    # each entry: the iterator of a container's AVPs still to judge, and the bytes that pass once it is done
+    stack: list[tuple[Iterator[tuple[int, int, int, int]], bytes | None]] = [(iter(top), None)]
+    while stack:
+        for check, key, start, flags_length in stack[-1][0]:
+            end = start + (flags_length & 0xFFFFFF)
+            data = start + 12 if flags_length & 0x80000000 else start + 8
+            if check == _GROUP:
+                group = None
+                if end - data >= _PASSED_GROUP_MIN_BYTES:
+                    group = buf[start:end]
+                    if group in passed:
+                        continue
+                children = _to_check(buf, data, end)  # 5014 for any broken child header comes first
+                if children:
+                    stack.append((iter(children), group))
+                    break
+                if group is not None:
+                    passed[group] = None
+            elif check == _UNKNOWN:
+                vendor = key >> 32
+                if flags_length & 0x40000000 and vendor not in allowlist:
+                    name = f"Unknown({key & 0xFFFFFFFF}/{vendor})"
+                    raise DecodeError(DIAMETER_AVP_UNSUPPORTED, f"AVP {name} with the M bit is not supported",
+                                      buf[start:end])
+            elif end - data != check:
+                raise DecodeError(
+                    DIAMETER_INVALID_AVP_LENGTH,
+                    f"AVP {_DEF_BY_INT[key].name} has {end - data} bytes of data, expected {check}",
+                    buf[start:end],
+                )
+        else:
+            group = stack.pop()[1]
+            if group is not None:
+                passed[group] = None  # every AVP inside it passed
+
+
+# Grouped AVPs (whole, header included) that passed validate, per allowlist; only groups with at least
+# _PASSED_GROUP_MIN_BYTES of data, where skipping the walk saves more than hashing the bytes costs.
+_PASSED_GROUPS: dict[frozenset[int], dict[bytes, None]] = {}
+_PASSED_GROUPS_SIZE = 4096
+_PASSED_GROUP_MIN_BYTES = 128
+
+
+def _to_check(buf: bytes, offset: int, end: int) -> list[tuple[int, int, int, int]]:
+    """Length-check every AVP header in buf[offset:end] (as `_walk`) and list those validate must judge:
+    (check, key, start, flags+length word) of groups, unknown AVPs and fixed-size AVPs of the wrong size.
+
+    A negative check (group, unknown) never equals a data length, so one comparison does for every kind.
+    """
+    found: list[tuple[int, int, int, int]] = []
+    get = _CHECK_BY_INT.get
+    unpack_header = _unpack_header
+    try:
+        while offset < end:
+            code, flags_length = unpack_header(buf, offset)
+            next_offset = offset + (flags_length & 0xFFFFFF)
+            if flags_length & 0x80000000:
+                if next_offset > end or next_offset < offset + 12:
+                    raise _length_error(buf, offset, end)
+                key = code | _unpack_u32(buf, offset + 8)[0] << 32
+                check = get(key, _UNKNOWN)
+                if check and check != (flags_length & 0xFFFFFF) - 12:
+                    found.append((check, key, offset, flags_length))
+            else:
+                if next_offset > end or next_offset < offset + 8:
+                    raise _length_error(buf, offset, end)
+                check = get(code, _UNKNOWN)
+                if check and check != (flags_length & 0xFFFFFF) - 8:
+                    found.append((check, code, offset, flags_length))
+            offset = (next_offset + 3) & -4
+    except struct.error:  # the header itself runs past the end of the buffer
+        raise _length_error(buf, offset, end) from None
+    return found
 
 
 # ------------------------------------------------------------------------------------------ encoding

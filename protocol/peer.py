@@ -172,6 +172,8 @@ class PeerState(enum.Enum):
     CLOSING = "closing"  # we sent DPR and wait for the DPA
     CLOSED = "closed"
 
+    __hash__ = object.__hash__  # members are singletons: the C identity hash, not Enum's hash(name)
+
 
 class WatchdogState(enum.Enum):
     """RFC 3539 §3.4: OKAY; OKAY with a DWR outstanding (PENDING); SUSPECT; DOWN."""
@@ -180,6 +182,8 @@ class WatchdogState(enum.Enum):
     PENDING = "pending"
     SUSPECT = "suspect"
     DOWN = "down"
+
+    __hash__ = object.__hash__  # members are singletons: the C identity hash, not Enum's hash(name)
 
 
 class Input(enum.Enum):
@@ -198,11 +202,15 @@ class Input(enum.Enum):
     TIMEOUT = "timeout"  # the state's timer: CER wait, watchdog DOWN, DPA wait
     TRANSPORT_LOST = "transport-lost"
 
+    __hash__ = object.__hash__  # members are singletons: the C identity hash, not Enum's hash(name)
+
 
 class _WatchdogInput(enum.Enum):
     EXPIRED = "expired"
     DWA = "dwa"
     OTHER = "other"  # any received message except a DWA
+
+    __hash__ = object.__hash__  # members are singletons: the C identity hash, not Enum's hash(name)
 
 
 S, I = PeerState, Input  # noqa: E741 - table shorthand only
@@ -268,6 +276,10 @@ WATCHDOG_TRANSITIONS: dict[tuple[WatchdogState, _WatchdogInput], tuple[WatchdogS
     (W.SUSPECT, WI.OTHER): (W.PENDING, None),  # traffic is back, but our DWR is still unanswered
 }
 del S, I, W, WI
+
+#: How a frame that is not a CER is classified by its command code (anything else: REQUEST / ANSWER).
+_REQUEST_INPUTS = {DWR: Input.DWR, DPR: Input.DPR}
+_ANSWER_INPUTS = {DWR: Input.DWA, DPR: Input.DPA}
 
 _TIMEOUT_REASONS = {
     PeerState.WAIT_CER: "no CER received in time",
@@ -462,9 +474,9 @@ class PeerConnection:
                 accepted = outcome.result_code == DIAMETER_SUCCESS
                 self._fire(Input.CER_ACCEPTED if accepted else Input.CER_REFUSED, outcome, now)
                 return
-            kind = {DWR: Input.DWR, DPR: Input.DPR}.get(command, Input.REQUEST)
+            kind = _REQUEST_INPUTS.get(command, Input.REQUEST)
         else:
-            kind = {DWR: Input.DWA, DPR: Input.DPA}.get(command, Input.ANSWER)
+            kind = _ANSWER_INPUTS.get(command, Input.ANSWER)
         self._fire(kind, frame, now)
 
     def _fire(self, event: Input, payload: Any, now: float) -> None:

@@ -24,6 +24,7 @@ import logging
 import random
 from collections.abc import Awaitable, Callable
 from functools import partial
+from types import CoroutineType
 from typing import Any, Protocol, cast
 
 from protocol.codec import Message
@@ -199,7 +200,7 @@ class _PeerProtocol(asyncio.Protocol):
     def _drain_events(self) -> None:
         assert self.connection is not None and self.handle is not None
         while (event := self.connection.next_event()) is not None:
-            if isinstance(event, RequestReceived):
+            if type(event) is RequestReceived:  # nearly every event: tested first, without isinstance
                 if not self.lost:
                     self._dispatch(event.message)
             elif isinstance(event, AnswerReceived):
@@ -223,6 +224,12 @@ class _PeerProtocol(asyncio.Protocol):
                 )
 
     def _dispatch(self, message: Message) -> None:
+        """Hand one request to the application; the common kinds of result are told apart by exact type.
+
+        A coroutine gets a real Task (made with `loop.create_task`, not `ensure_future`): handlers may use
+        `asyncio.timeout`, `current_task()` or cancellation, which a hand-stepped coroutine would break,
+        and the Task costs only about 2 µs more per request than stepping it by hand (benchmarks/peer_bench.py).
+        """
         self._track(+1)
         try:
             result = self.server.handler.handle_request(self.handle, message)
@@ -230,26 +237,37 @@ class _PeerProtocol(asyncio.Protocol):
             log.exception("request handler failed for %s", message.session_id)
             self._answer(message, None)
             return
-        if isinstance(result, bytes | bytearray | memoryview):
+        kind = type(result)
+        if kind is CoroutineType:
+            task: asyncio.Future[Any] = self.loop.create_task(result)
+        elif kind is bytes:
+            self._answer(message, result)
+            return
+        elif isinstance(result, bytes | bytearray | memoryview):
             self._answer(message, bytes(result))
+            return
         elif inspect.isawaitable(result):
             task = asyncio.ensure_future(result, loop=self.loop)
-            self.server._tasks.add(task)
-            task.add_done_callback(partial(self._answer_done, message))
         else:
             log.error("request handler returned %r instead of bytes", type(result).__name__)
             self._answer(message, None)
+            return
+        self.server._tasks.add(task)
+        task.add_done_callback(partial(self._answer_done, message))
 
-    def _answer_done(self, message: Message, task: asyncio.Future[bytes]) -> None:
+    def _answer_done(self, message: Message, task: asyncio.Future[Any]) -> None:
         self.server._tasks.discard(task)
         answer: bytes | None = None
-        if task.cancelled():
+        try:
+            result = task.result()
+        except asyncio.CancelledError:
             log.warning("request handler was cancelled for %s", message.session_id)
-        elif (exc := task.exception()) is not None:
+        except Exception as exc:
             log.error("request handler failed for %s", message.session_id, exc_info=exc)
         else:
-            result = task.result()
-            if isinstance(result, bytes | bytearray | memoryview):
+            if type(result) is bytes:
+                answer = result
+            elif isinstance(result, bytes | bytearray | memoryview):
                 answer = bytes(result)
             else:
                 log.error("request handler returned %r instead of bytes", type(result).__name__)
@@ -485,8 +503,9 @@ class DiameterServer:
         return True
 
     def _changed(self) -> None:
-        if self._change is not None:
-            self._change.set()
+        change = self._change
+        if change is not None and not change.is_set():  # set once per wait, not once per answer
+            change.set()
 
     def _note_opened(self, handle: PeerHandle, event: PeerOpened) -> None:
         """A restart seen across connections: the same Origin-Host comes back with a new Origin-State-Id."""
