@@ -1,8 +1,9 @@
 """Every Redis key name the balance engine uses, in one place (the table in ARCHITECTURE.md).
 
 Keys inside a partition carry the hash tag `{pNNN}`, so every key one script touches lives in one Redis
-Cluster slot. Index keys (`idx:`, `sidx:`) live outside the partitions: they are read before the partition
-is known. Nothing here talks to Redis.
+Cluster slot. Index keys (`idx:`, `sidx:`, `gidx:`) live outside the partitions: they are read before the
+partition is known. A sharing group lives in one partition and its members are provisioned into it, so a
+member's keys and the group's shared buckets (`grp:`) share one hash tag. Nothing here talks to Redis.
 """
 
 from __future__ import annotations
@@ -55,7 +56,33 @@ def cdr_key(partition: int) -> str:
 
 
 def ledger_key(partition: int) -> str:
+    """Every balance change of the partition (append-only stream, never trimmed by the OCS)."""
     return f"ledger:{tag(partition)}"
+
+
+def expiry_key(partition: int) -> str:
+    """Sorted set: wallets with buckets that expire ('m:<msisdn>' / 'g:<group>'), scored by the earliest
+    valid_until (never later than the truth: the sweep reads members due and corrects their score)."""
+    return f"bexp:{tag(partition)}"
+
+
+def group_key(partition: int, group: str) -> str:
+    """A sharing group's shared buckets: the same hash layout as bal:, plus per-member counters."""
+    return f"grp:{tag(partition)}:{group}"
+
+
+def group_members_key(partition: int, group: str) -> str:
+    return f"gmem:{tag(partition)}:{group}"
+
+
+def operation_key(partition: int, kind: str, reference: str) -> str:
+    """The stored answer of an operator change (adjustment, credit) with that reference (idempotency)."""
+    return f"ref:{tag(partition)}:{kind}:{reference}"
+
+
+def idx_group_key(group: str) -> str:
+    """The group's partition (a string), written when the group is created."""
+    return f"gidx:{group}"
 
 
 def cdrlease_key(partition: int) -> str:
@@ -75,14 +102,15 @@ def sidx_key(session_id: str) -> str:
 
 
 def location_value(location: Location) -> str:
-    """What index keys hold: `<partition>|<msisdn>|<plan>`."""
-    return f"{location.partition}|{location.msisdn}|{location.plan}"
+    """What index keys hold: `<partition>|<msisdn>|<plan>`, and `|<group>` for a group member."""
+    value = f"{location.partition}|{location.msisdn}|{location.plan}"
+    return f"{value}|{location.group}" if location.group else value
 
 
 def parse_location(value: str | bytes) -> Location:
     text = value.decode() if isinstance(value, bytes) else value
-    partition, msisdn, plan = text.split("|", 2)
-    return Location(int(partition), msisdn, plan)
+    partition, msisdn, plan, *group = text.split("|", 3)
+    return Location(int(partition), msisdn, plan, group[0] if group else "")
 
 
 # ---- session ownership and server-initiated messages (ocs.routing, ocs.supervision) ----------------------

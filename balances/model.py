@@ -1,4 +1,4 @@
-"""Plain data passed to and from BalanceStore. Units are ints; money is integer micro-units."""
+"""Plain data passed to and from BalanceStore. Units are ints; money is integer micro-units; times are epoch ms."""
 
 from __future__ import annotations
 
@@ -8,6 +8,13 @@ import msgspec
 INITIAL, UPDATE, TERMINATION, EVENT = 1, 2, 3, 4
 # event actions, the same numbers as Requested-Action
 DIRECT_DEBITING, REFUND_ACCOUNT, CHECK_BALANCE, PRICE_ENQUIRY = 0, 1, 2, 3
+# subscriber status, enforced by the charge and event functions: barred and suspended are answered 4010
+# END_USER_SERVICE_DENIED (suspended is the customer's or a temporary stop, barred the operator's), terminated
+# 5030 USER_UNKNOWN; both barred kinds still pay the usage their open sessions report
+STATUSES = ("active", "barred", "suspended", "terminated")
+ACCOUNT_KINDS = ("prepaid", "postpaid")
+MONEY = "money"  # the unit of money buckets (and the id of the default money bucket)
+DEFAULT_PRIORITY = 100
 
 
 class Units(msgspec.Struct, omit_defaults=True):
@@ -52,6 +59,7 @@ class ChargeRequest(msgspec.Struct, omit_defaults=True):
     # units outside MSCC (plain RFC 4006 client): the one MSCC's result is the command's, and a failure closes
     # the session
     command_level: bool = False
+    group: str = ""  # the subscriber's sharing group, from the index (Location.group); checked by the script
 
 
 class MsccOutcome(msgspec.Struct, omit_defaults=True):
@@ -70,7 +78,8 @@ class ChargeOutcome(msgspec.Struct, omit_defaults=True):
     msccs: list[MsccOutcome] = []
     duplicate: bool = False  # answered from the stored outcome, nothing changed
     check_balance_result: int | None = None  # EVENT CHECK_BALANCE: 0 ENOUGH_CREDIT, 1 NO_CREDIT
-    stale_plan: str | None = None  # the plan on record when the caller's cached plan was wrong
+    stale_plan: str | None = None  # the plan on record when the caller's cached plan (or group) was wrong
+    stale_group: str | None = None  # with stale_plan: the group on record ("" = none)
     end_to_end: int = 0  # End-to-End-Id of the request whose outcome this is
 
 
@@ -78,21 +87,85 @@ class Location(msgspec.Struct, frozen=True):
     partition: int
     msisdn: str
     plan: str
+    group: str = ""  # the sharing group the subscriber is a member of ("" = none)
 
 
 class Subscriber(msgspec.Struct, omit_defaults=True):
     msisdn: str
     imsi: str | None = None
     plan: str = "demo"
-    status: str = "active"
+    status: str = "active"  # one of STATUSES
     currency: str = "EUR"
     partition: int | None = None
+    kind: str = "prepaid"  # prepaid | postpaid
+    credit_limit: int = 0  # postpaid: money may go down to -credit_limit (micro-units)
+    group: str | None = None  # sharing group (the subscriber is placed in the group's partition)
+
+
+class Rollover(msgspec.Struct, omit_defaults=True):
+    """At the end of its validity, up to `cap` unused units move into bucket `into` (default
+    '<id>.rollover', created valid for one more period of the same length, or `validity_ms`)."""
+
+    cap: int
+    into: str | None = None
+    validity_ms: int | None = None
+
+
+class Bucket(msgspec.Struct, omit_defaults=True):
+    """A bucket as provisioned: money or an allowance of units, with its consumption order, validity window
+    [valid_from, valid_until) and the rating groups it serves (None: every rating group priced in its unit;
+    a unit other than bytes / seconds / events / money counts service-specific units)."""
+
+    id: str
+    unit: str  # "money" | "bytes" | "seconds" | "events" | any service-specific unit name
+    amount: int = 0  # initial balance (micro-units for money)
+    priority: int = DEFAULT_PRIORITY  # lower is consumed first; then the earliest valid_until
+    valid_from: int | None = None
+    valid_until: int | None = None
+    services: tuple[int, ...] | None = None  # rating groups
+    rollover: Rollover | None = None
+    credit_limit: int = 0  # money: the balance may be drawn down to -credit_limit
+    member_limits: dict[str, int] = {}  # shared buckets: msisdn -> most units that member may use
 
 
 class BucketState(msgspec.Struct):
-    bucket: str
+    bucket: str  # '@<id>' for a bucket of the subscriber's group
     balance: int
     reserved: int
+    unit: str | None = None  # None: a bucket without metadata (named by the rating schedules)
+    priority: int | None = None
+    valid_from: int | None = None
+    valid_until: int | None = None
+    services: list[int] | None = None
+    rollover: Rollover | None = None
+    credit_limit: int | None = None
+    group: str | None = None  # the group of a shared bucket
+    member_limit: int | None = None  # shared: the subscriber's limit on it
+    member_used: int | None = None  # shared: what the subscriber used (committed) from it
+
+
+class LedgerEntry(msgspec.Struct, omit_defaults=True):
+    """One entry of ledger:{pNNN}: a balance change, written by the function that made it."""
+
+    id: str  # stream id
+    time: int
+    type: str  # provision | topup | refund | usage | credit | expiry | rollover | adjustment | ...
+    msisdn: str  # "" for a change of a group's own (shared) buckets
+    changes: dict[str, int]  # bucket ref -> signed change ('@<id>': a bucket of `group`)
+    amount: int = 0  # the money amount (usage: what the CDR record says)
+    reference: str = ""  # top-up reference, CDR recordId (usage, refund), the other bucket (rollover), ...
+    group: str = ""
+    reason: str = ""
+    records: dict[str, dict[str, int]] = {}  # usage: CDR recordId -> its changes (they sum to `changes`)
+    units: dict[str, str] = {}  # bucket -> unit, for buckets with metadata that this entry creates or changes
+
+
+class AccountChange(msgspec.Struct):
+    """What an operator change (credit, adjustment, expiry sweep) did."""
+
+    applied: bool  # False: the reference was used before; nothing changed
+    balance: int  # the bucket's balance after
+    entries: int  # ledger entries written (settled expiries and rollovers included)
 
 
 class TopupResult(msgspec.Struct):

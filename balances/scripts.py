@@ -1,12 +1,12 @@
 """The Lua code of balances/lua as one Redis Functions library, named by the SHA1 of its source.
 
-common.lua (exact integer JSON, pricing, wallet tables, CDR records) is the library's prelude, defined once
-when the library loads instead of on every call as an EVAL script would; each of charge, event, topup,
-provision and close becomes a function whose body is its .lua file (`KEYS` and `ARGV` are the callback's
-parameters). Library and function names carry the first 12 hex digits of the source's SHA1, so two
-versions of the OCS can share one server during an upgrade and a changed script can never be called by its
-old name. Works on Valkey 8/9 and Redis >= 7 (FUNCTION LOAD / FCALL); on Redis Cluster load it on every
-primary.
+common.lua (exact integer JSON, pricing, buckets and wallets, the ledger, CDR records) is the library's
+prelude, defined once when the library loads instead of on every call as an EVAL script would; each of charge,
+event, topup, provision, close, bucket and member becomes a function whose body is its .lua file (`KEYS` and
+`ARGV` are the callback's parameters). Library and function names carry the first 12 hex digits of the
+source's SHA1, so two versions of the OCS can share one server during an upgrade and a changed script can
+never be called by its old name. Works on Valkey 8/9 and Redis >= 7 (FUNCTION LOAD / FCALL); on Redis
+Cluster load it on every primary.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from redis.exceptions import ResponseError
 
 LUA_DIR = Path(__file__).resolve().parent / "lua"
 COMMON = "common.lua"
-NAMES = ("charge", "event", "topup", "provision", "close")
+NAMES = ("charge", "event", "topup", "provision", "close", "bucket", "member")
 
 
 @dataclass(frozen=True)

@@ -16,12 +16,18 @@ with StoreUnavailable (a ConnectionError) instead of leaving the caller waiting;
 before its batch was sent is not sent. The session-ownership, peer-registry and queue methods at the end
 serve ocs.routing and ocs.supervision (server-initiated messages, supervision); they are plain names and
 strings here, nothing of Diameter.
+
+The balance model's operator side (buckets with metadata, sharing groups, postpaid accounts, status, the
+expiry/rollover sweep, adjustments, the ledger and its history) is here too; every balance change goes
+through a function that writes its ledger entry in the same call (see lua/common.lua). Operator calls take
+`now_ms` like the charges; without it they use the wall clock (never Redis TIME).
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -32,13 +38,21 @@ from redis.exceptions import ResponseError, WatchError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from balances import keys as k
+from balances.buckets import MAX_EXACT, bucket_meta, bucket_states, check_bucket, check_id, check_subscriber
+from balances.ledger import history as ledger_history
+from balances.ledger import parse_entry
 from balances.model import (
     EVENT,
     INITIAL,
+    STATUSES,
     TERMINATION,
+    UPDATE,
+    AccountChange,
+    Bucket,
     BucketState,
     ChargeOutcome,
     ChargeRequest,
+    LedgerEntry,
     Location,
     Subscriber,
     TopupResult,
@@ -65,11 +79,29 @@ class SubscriberExists(Exception):
     """provision() without replace for an MSISDN that is already provisioned."""
 
 
+class UnknownGroup(Exception):
+    """No sharing group with that id (create_group first)."""
+
+
 class _TopupAnswer(msgspec.Struct):
     applied: bool = False
     balance: int = 0
     reference: str | None = None
     unknown: bool = False
+
+
+class _AccountAnswer(msgspec.Struct):
+    applied: bool = False
+    balance: int = 0
+    entries: int = 0
+    unknown: bool = False
+    error: str | None = None
+
+
+class _MemberAnswer(msgspec.Struct):
+    old: str = ""
+    unknown: bool = False
+    error: str | None = None
 
 
 class _Reservation(msgspec.Struct):
@@ -98,11 +130,25 @@ class CloseResult(msgspec.Struct):
 _outcome_decoder = msgspec.json.Decoder(ChargeOutcome)
 _topup_decoder = msgspec.json.Decoder(_TopupAnswer)
 _reservation_decoder = msgspec.json.Decoder(_Reservation)
+_account_decoder = msgspec.json.Decoder(_AccountAnswer)
+_member_decoder = msgspec.json.Decoder(_MemberAnswer)
 _encoder = msgspec.json.Encoder()
 
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _now(now_ms: int | None) -> int:
+    """The caller's time; the wall clock only where an operator call gives none (never Redis TIME)."""
+    return now_ms if now_ms is not None else time.time_ns() // 1_000_000
+
+
+def _pairs(reply: Any) -> Iterable[tuple[Any, Any]]:
+    """A raw HGETALL reply (flat RESP2 list or RESP3 map) as (field, value) pairs."""
+    if isinstance(reply, dict):
+        return reply.items()
+    return zip(reply[::2], reply[1::2], strict=True)
 
 
 def _bulk(value: Any) -> bytes:
@@ -458,17 +504,21 @@ class BalanceStore:
         pipeline; CCR-T gives sidx the closed-session TTL and takes the session out of subses:."""
         p = request.partition
         payload = _encoder.encode(request)
+        group_keys = (k.group_key(p, request.group),) if request.group else ()
         if request.request_type == EVENT:
             keys = (k.sub_key(p, request.msisdn), k.bal_key(p, request.msisdn),
-                    k.evt_key(p, request.session_id, request.request_number), k.cdr_key(p), k.ledger_key(p))
+                    k.evt_key(p, request.session_id, request.request_number), k.cdr_key(p), k.ledger_key(p),
+                    k.expiry_key(p), *group_keys)
             raw = await self._call("event", keys, (payload,))
         else:
             keys = (k.sub_key(p, request.msisdn), k.bal_key(p, request.msisdn),
-                    k.ses_key(p, request.session_id), k.open_key(p), k.cdr_key(p))
+                    k.ses_key(p, request.session_id), k.open_key(p), k.cdr_key(p), k.ledger_key(p),
+                    k.expiry_key(p), *group_keys)
             extra: tuple[tuple, ...] = ()
             subses = k.subscriber_sessions_key(p, request.msisdn)
             if request.request_type == INITIAL:
-                extra = (("SET", k.sidx_key(request.session_id), f"{p}|{request.msisdn}|{request.plan}"),
+                location = Location(p, request.msisdn, request.plan, request.group)
+                extra = (("SET", k.sidx_key(request.session_id), k.location_value(location)),
                          ("SADD", subses, request.session_id))
             elif request.request_type == TERMINATION:
                 extra = (("PEXPIRE", k.sidx_key(request.session_id), SESSION_INDEX_TTL_MS),
@@ -477,7 +527,7 @@ class BalanceStore:
         outcome = _outcome_decoder.decode(raw)
         if request.request_type == INITIAL:
             if outcome.result_code == 2001:
-                self._sessions.put(request.session_id, Location(p, request.msisdn, request.plan))
+                self._sessions.put(request.session_id, Location(p, request.msisdn, request.plan, request.group))
             elif outcome.result_code != 5012 or outcome.stale_plan is not None:
                 # no session was created (5030, 4010, stale plan): take back the index entry; 5012 without
                 # stale_plan means the session exists and the entry is its own
@@ -485,6 +535,10 @@ class BalanceStore:
                                      ("SREM", k.subscriber_sessions_key(p, request.msisdn), request.session_id))
         if outcome.stale_plan is not None:
             self.forget(msisdn=request.msisdn, session_id=request.session_id)
+            if request.request_type in (UPDATE, TERMINATION):  # the session's index entry names the old ones
+                fresh = Location(p, request.msisdn, outcome.stale_plan, outcome.stale_group or "")
+                await self._commands(("SET", k.sidx_key(request.session_id), k.location_value(fresh), "XX",
+                                      "KEEPTTL"))
         elif request.request_type == TERMINATION:
             self._sessions.drop(request.session_id)
         return outcome
@@ -507,6 +561,240 @@ class BalanceStore:
             raise UnknownSubscriber(msisdn)
         return TopupResult(applied=answer.applied, balance=answer.balance, reference=answer.reference)
 
+    # ---- buckets, accounts and groups: operator changes (each balance change with its ledger entry) -------
+
+    async def _bucket_call(self, op: str, *, msisdn: str = "", group: str = "", now_ms: int | None = None,
+                           reference: str | None = None, **fields: Any) -> AccountChange:
+        """One FCALL of bucket.lua on a subscriber's wallet (msisdn) or a group's (group)."""
+        if msisdn:
+            location = await self.locate_msisdn(msisdn)
+            if location is None:
+                raise UnknownSubscriber(msisdn)
+            p = location.partition
+            keys = [k.bal_key(p, msisdn), k.ledger_key(p), k.expiry_key(p), k.sub_key(p, msisdn)]
+        else:
+            partition = await self.group_partition(group)
+            if partition is None:
+                raise UnknownGroup(group)
+            p = partition
+            keys = [k.group_key(p, group), k.ledger_key(p), k.expiry_key(p)]
+        if reference:
+            keys.append(k.operation_key(p, op, reference))
+        payload = _encoder.encode({"op": op, "msisdn": msisdn, "group": group, "now_ms": _now(now_ms),
+                                   "idempotent": bool(reference), "reference": reference or "", **fields})
+        answer = _account_decoder.decode(await self._call("bucket", keys, (payload,)))
+        if answer.unknown:
+            self.forget(msisdn=msisdn)
+            raise UnknownSubscriber(msisdn)
+        if answer.error is not None:
+            raise ValueError(answer.error)
+        return AccountChange(applied=answer.applied, balance=answer.balance, entries=answer.entries)
+
+    @staticmethod
+    def _owner(bucket: str, msisdn: str, group: str | None) -> dict[str, str]:
+        """'@<id>' names a bucket of the subscriber's group."""
+        if bucket.startswith("@"):
+            if not group:
+                raise ValueError(f"{msisdn} is in no group: there is no bucket {bucket}")
+            return {"group": group, "bucket": bucket[1:]}
+        return {"msisdn": msisdn, "bucket": bucket}
+
+    async def add_bucket(self, msisdn: str, bucket: Bucket, *, reference: str | None = None, kind: str = "credit",
+                         now_ms: int | None = None) -> AccountChange:
+        """Adds bucket.amount to the subscriber's bucket bucket.id and sets its metadata (creating it if
+        needed), after expiring what has expired: a bundle, an add-on, a renewal. Ledger entry of type `kind`;
+        with a reference it is applied once."""
+        check_bucket(bucket, shared=False)
+        return await self._bucket_call("credit", msisdn=msisdn, now_ms=now_ms, reference=reference,
+                                       bucket=bucket.id, amount=bucket.amount, meta=bucket_meta(bucket), kind=kind)
+
+    async def add_group_bucket(self, group: str, bucket: Bucket, *, reference: str | None = None,
+                               kind: str = "credit", now_ms: int | None = None) -> AccountChange:
+        """add_bucket for a group's shared bucket (member_limits allowed)."""
+        check_bucket(bucket, shared=True)
+        return await self._bucket_call("credit", group=group, now_ms=now_ms, reference=reference,
+                                       bucket=bucket.id, amount=bucket.amount, meta=bucket_meta(bucket), kind=kind)
+
+    async def adjust(self, msisdn: str, bucket: str, amount: int, reason: str, reference: str | None = None, *,
+                     now_ms: int | None = None) -> AccountChange:
+        """An operator correction of one bucket (signed; '@<id>' = the subscriber's group's bucket) with an
+        "adjustment" ledger entry carrying the reason; with a reference it is applied once."""
+        if not isinstance(amount, int) or isinstance(amount, bool) or amount == 0 or abs(amount) > MAX_EXACT:
+            raise ValueError("an adjustment is a non-zero integer (micro-units for money)")
+        if not reason:
+            raise ValueError("an adjustment needs a reason")
+        sub = await self.subscriber(msisdn)
+        if sub is None:
+            raise UnknownSubscriber(msisdn)
+        owner = self._owner(bucket, msisdn, sub.group)
+        return await self._bucket_call("adjust", now_ms=now_ms, reference=reference, amount=amount, reason=reason,
+                                       **owner)
+
+    async def set_member_limit(self, group: str, bucket: str, msisdn: str, limit: int | None, *,
+                               now_ms: int | None = None) -> None:
+        """The most units `msisdn` may use of the group's bucket over its life (None: no limit)."""
+        if limit is not None and (not isinstance(limit, int) or not 0 <= limit <= MAX_EXACT):
+            raise ValueError("a member limit is a non-negative integer")
+        await self._bucket_call("limit", group=group, bucket=bucket, member=msisdn, limit=limit, now_ms=now_ms)
+
+    async def settle(self, msisdn: str, now_ms: int) -> AccountChange:
+        """Expires and rolls over the subscriber's (and its group's) buckets whose validity ended at now_ms."""
+        sub = await self.subscriber(msisdn)
+        if sub is None:
+            raise UnknownSubscriber(msisdn)
+        change = await self._bucket_call("settle", msisdn=msisdn, now_ms=now_ms)
+        if sub.group:
+            more = await self._bucket_call("settle", group=sub.group, now_ms=now_ms)
+            change = AccountChange(True, 0, change.entries + more.entries)
+        return change
+
+    async def expire_buckets(self, now_ms: int) -> int:
+        """The sweep (cron / operator): every wallet with a bucket whose validity ended by now_ms is settled
+        (expiry, rollover); returns the ledger entries written. The charge functions do the same lazily for the
+        subscribers they touch."""
+        await self.ready()
+        written = 0
+        for p in range(self.partitions):
+            while True:
+                due = [_text(m) for m in await self.redis.zrangebyscore(k.expiry_key(p), "-inf", now_ms, 0, SCAN_PAGE)]
+                for member in due:
+                    kind, _, name = member.partition(":")
+                    try:
+                        if kind == "m":
+                            written += (await self._bucket_call("settle", msisdn=name, now_ms=now_ms)).entries
+                        else:
+                            written += (await self._bucket_call("settle", group=name, now_ms=now_ms)).entries
+                    except (UnknownSubscriber, UnknownGroup):
+                        await self.redis.zrem(k.expiry_key(p), member)
+                if len(due) < SCAN_PAGE:
+                    break
+        return written
+
+    async def roll_over(self, msisdn: str, now_ms: int) -> int:
+        """Period end: unused units of ended buckets with a rollover rule move into the next period's bucket
+        (up to the cap), the rest expires. `msisdn` = "all" does every subscriber and group (the sweep).
+        Returns the ledger entries written."""
+        if msisdn == "all":
+            return await self.expire_buckets(now_ms)
+        return (await self.settle(msisdn, now_ms)).entries
+
+    async def set_status(self, msisdn: str, status: str) -> str:
+        """active | barred | suspended | terminated; returns the previous status."""
+        if status not in STATUSES:
+            raise ValueError(f"status must be one of {', '.join(STATUSES)}")
+        return await self._member_call(msisdn, {"op": "status", "status": status})
+
+    async def set_account(self, msisdn: str, kind: str, credit_limit: int = 0) -> str:
+        """prepaid, or postpaid with a credit limit (micro-units); returns the previous kind."""
+        check_subscriber(Subscriber(msisdn=msisdn, kind=kind, credit_limit=credit_limit))
+        return await self._member_call(msisdn, {"op": "account", "kind": kind, "credit_limit": credit_limit})
+
+    async def _member_call(self, msisdn: str, args: dict, group: str | None = None) -> str:
+        location = await self.locate_msisdn(msisdn)
+        if location is None:
+            raise UnknownSubscriber(msisdn)
+        p = location.partition
+        keys = [k.sub_key(p, msisdn), k.bal_key(p, msisdn)]
+        if group:
+            keys += [k.group_key(p, group), k.group_members_key(p, group)]
+        answer = _member_decoder.decode(await self._call("member", keys, (_encoder.encode(args),)))
+        if answer.unknown:
+            self.forget(msisdn=msisdn)
+            raise UnknownSubscriber(msisdn)
+        if answer.error is not None:
+            raise ValueError(answer.error)
+        return answer.old
+
+    # groups
+
+    async def create_group(self, group: str, partition: int | None = None) -> int:
+        """A sharing group (family, company) in one partition (default: crc32 of its id); its members are
+        provisioned into that partition, so a member's keys and the shared buckets share one hash tag.
+        Returns the partition; an existing group keeps its own."""
+        check_id("group", group)
+        await self.ready()
+        wanted = partition if partition is not None else k.partition_of(group, self.partitions)
+        if not 0 <= wanted < self.partitions:
+            raise ValueError(f"partition {wanted} outside 0..{self.partitions - 1}")
+        await self.redis.set(k.idx_group_key(group), wanted, nx=True)
+        return int(await self.redis.get(k.idx_group_key(group)))
+
+    async def group_partition(self, group: str) -> int | None:
+        value = await self._commands(("GET", k.idx_group_key(group)))
+        return None if value is None else int(value)
+
+    async def group_members(self, group: str) -> list[str]:
+        p = await self.group_partition(group)
+        if p is None:
+            raise UnknownGroup(group)
+        return sorted(_text(m) for m in await self.redis.smembers(k.group_members_key(p, group)))
+
+    async def group_balances(self, group: str) -> list[BucketState]:
+        p = await self.group_partition(group)
+        if p is None:
+            raise UnknownGroup(group)
+        fields = await self._commands(("HGETALL", k.group_key(p, group)))
+        return bucket_states(dict(_pairs(fields)))
+
+    async def join_group(self, msisdn: str, group: str) -> None:
+        """Makes an existing subscriber a member; it must already live in the group's partition (provision new
+        members with Subscriber.group instead: a subscriber never moves)."""
+        p = await self.group_partition(group)
+        if p is None:
+            raise UnknownGroup(group)
+        location = await self.locate_msisdn(msisdn)
+        if location is None:
+            raise UnknownSubscriber(msisdn)
+        if location.partition != p:
+            raise ValueError(f"{msisdn} is in partition {location.partition}, group {group} in {p}: only a "
+                             "subscriber provisioned into the group's partition can join")
+        await self._member_call(msisdn, {"op": "join", "group": group}, group)
+        await self._reindex(location, group)
+
+    async def leave_group(self, msisdn: str) -> None:
+        """Refused (ValueError) while the subscriber's sessions hold units of the shared buckets."""
+        sub = await self.subscriber(msisdn)
+        if sub is None:
+            raise UnknownSubscriber(msisdn)
+        if not sub.group:
+            return
+        await self._member_call(msisdn, {"op": "leave", "group": sub.group}, sub.group)
+        location = await self.locate_msisdn(msisdn)
+        assert location is not None
+        await self._reindex(location, "")
+
+    async def _reindex(self, location: Location, group: str) -> None:
+        """The index entries name the group: the next CCR sends the right keys (a cached stale entry elsewhere
+        is answered stale by the charge function and refreshed)."""
+        sub = await self.subscriber(location.msisdn)
+        value = k.location_value(Location(location.partition, location.msisdn, location.plan, group))
+        commands: list[tuple] = [("SET", k.idx_msisdn_key(location.msisdn), value)]
+        if sub is not None and sub.imsi:
+            commands.append(("SET", k.idx_imsi_key(sub.imsi), value))
+        await self._pipeline(commands)
+        self.forget(msisdn=location.msisdn, imsi=sub.imsi if sub is not None else None)
+
+    # the ledger
+
+    async def ledger(self, partition: int, start: str = "-", end: str = "+") -> list[LedgerEntry]:
+        """The partition's ledger entries from `start` to `end` (stream ids, inclusive), read in pages."""
+        entries: list[LedgerEntry] = []
+        key = k.ledger_key(partition)
+        while True:
+            page = await self.redis.xrange(key, start, end, count=SCAN_PAGE)
+            entries.extend(parse_entry(entry_id, fields) for entry_id, fields in page)
+            if len(page) < SCAN_PAGE:
+                return entries
+            start = "(" + _text(page[-1][0])
+
+    async def history(self, msisdn: str) -> list[dict[str, Any]]:
+        """The ledger lines of the subscriber's buckets (and its group's shared ones) with running balances:
+        a balance explained line by line (reads the partition's whole ledger)."""
+        sub = await self.subscriber(msisdn)
+        if sub is None or sub.partition is None:
+            raise UnknownSubscriber(msisdn)
+        return ledger_history(await self.ledger(sub.partition), msisdn, sub.group or "")
+
     async def close_session(self, session_id: str, cause: str, now_ms: int) -> bool:
         """Closes an open session outside Diameter (administrator, RAA/ASA 5002): releases its reservations and
         writes the closing CDR record. False when the session is unknown or not open."""
@@ -523,6 +811,8 @@ class BalanceStore:
         p, msisdn = location.partition, location.msisdn
         keys = (k.sub_key(p, msisdn), k.bal_key(p, msisdn), k.ses_key(p, session_id), k.open_key(p),
                 k.cdr_key(p), k.subscriber_sessions_key(p, msisdn))
+        if location.group:
+            keys += (k.group_key(p, location.group),)
         conditions: dict[str, Any] = {}
         if before_ms is not None:
             conditions["before"] = before_ms
@@ -543,17 +833,29 @@ class BalanceStore:
 
     # ---- provisioning ----------------------------------------------------------------------------------
 
-    def _provision_commands(self, sub: Subscriber, partition: int, money: int,
-                            allowances: dict[str, int] | None, replace: bool) -> list[tuple]:
+    def _provision_commands(self, sub: Subscriber, partition: int, money: int, allowances: dict[str, int] | None,
+                            replace: bool, buckets: Sequence[Bucket] = (), now_ms: int | None = None) -> list[tuple]:
         if not isinstance(money, int) or any(not isinstance(v, int) for v in (allowances or {}).values()):
             raise ValueError("money and allowances are integers")
+        check_subscriber(sub)
+        ids = {"money", *(allowances or {})}
+        for bucket in buckets:
+            check_bucket(bucket, shared=False)
+            if bucket.id in ids and not (bucket.id == "money" and money == 0):
+                raise ValueError(f"bucket {bucket.id!r} is given twice")
+            ids.add(bucket.id)
         payload = _encoder.encode({
             "msisdn": sub.msisdn, "imsi": sub.imsi, "plan": sub.plan, "status": sub.status,
-            "currency": sub.currency, "money": money, "allowances": allowances or {}, "replace": replace,
+            "currency": sub.currency, "kind": sub.kind, "credit_limit": sub.credit_limit, "group": sub.group,
+            "money": money, "allowances": allowances or {}, "replace": replace, "now_ms": _now(now_ms),
+            "buckets": [{"id": b.id, "amount": b.amount, "meta": bucket_meta(b)} for b in buckets],
         })
-        commands: list[tuple] = [("FCALL", self.library.functions["provision"], 2, k.sub_key(partition, sub.msisdn),
-                                  k.bal_key(partition, sub.msisdn), payload)]
-        value = k.location_value(Location(partition, sub.msisdn, sub.plan))
+        keys = [k.sub_key(partition, sub.msisdn), k.bal_key(partition, sub.msisdn), k.ledger_key(partition),
+                k.expiry_key(partition)]
+        if sub.group:
+            keys.append(k.group_members_key(partition, sub.group))
+        commands: list[tuple] = [("FCALL", self.library.functions["provision"], len(keys), *keys, payload)]
+        value = k.location_value(Location(partition, sub.msisdn, sub.plan, sub.group or ""))
         only_new = () if replace else ("NX",)
         commands.append(("SET", k.idx_msisdn_key(sub.msisdn), value, *only_new))
         if sub.imsi:
@@ -575,63 +877,83 @@ class BalanceStore:
             return results
         raise AssertionError("unreachable")
 
-    async def _known_partitions(self, msisdns: list[str]) -> list[int | None]:
-        """The partition each MSISDN already has (a subscriber never moves), None when not provisioned."""
+    async def _known_locations(self, msisdns: list[str]) -> list[Location | None]:
+        """Where each MSISDN already is (a subscriber never moves), None when not provisioned."""
         values = await self._pipeline(("GET", k.idx_msisdn_key(m)) for m in msisdns)
-        return [None if v is None else k.parse_location(v).partition for v in values]
+        return [None if v is None else k.parse_location(v) for v in values]
+
+    async def _known_partitions(self, msisdns: list[str]) -> list[int | None]:
+        return [None if at is None else at.partition for at in await self._known_locations(msisdns)]
 
     async def provision(self, sub: Subscriber, money: int = 0, allowances: dict[str, int] | None = None, *,
-                        replace: bool = False) -> int:
-        """Creates the subscriber, its balances and its index keys; returns its partition. Raises
-        SubscriberExists unless `replace` (which keeps the partition and open reservations)."""
-        await self.ready()
-        [known] = await self._known_partitions([sub.msisdn])
-        if known is not None and not replace:
-            raise SubscriberExists(sub.msisdn)
-        partition = known if known is not None else self._partition_of(sub)
-        results = await self._pipeline(self._provision_commands(sub, partition, money, allowances, replace))
-        code, old_imsi = int(results[0][0]), _text(results[0][1])
-        if code == 0:
-            raise SubscriberExists(sub.msisdn)
-        if old_imsi and old_imsi != (sub.imsi or ""):
-            await self.redis.delete(k.idx_imsi_key(old_imsi))
-            self._imsis.drop(old_imsi)
-        self._forget_subscriber(sub)
-        return partition
+                        replace: bool = False, buckets: Sequence[Bucket] = (), now_ms: int | None = None) -> int:
+        """Creates the subscriber, its balances (the spine's `money` and `allowances`, and `buckets` with
+        metadata) and its index keys, with a "provision" ledger entry; returns its partition. Raises
+        SubscriberExists unless `replace` (which keeps the partition, the group and open reservations). A
+        group member (sub.group) is placed in the group's partition."""
+        return (await self._provision([(sub, money, allowances or {}, buckets)], replace, now_ms, single=True))[0]
 
-    async def provision_many(self, subs: list[tuple[Subscriber, int, dict[str, int]]], *,
-                             replace: bool = False) -> int:
-        """Bulk provisioning, pipelined in chunks; returns how many were created (or replaced). Existing
-        subscribers are skipped unless `replace`."""
+    async def provision_many(self, subs: list[tuple], *, replace: bool = False, now_ms: int | None = None) -> int:
+        """Bulk provisioning, pipelined in chunks, of (Subscriber, money, allowances[, buckets]) tuples; returns
+        how many were created (or replaced). Existing subscribers are skipped unless `replace`."""
+        return sum(1 for code in await self._provision(subs, replace, now_ms, single=False) if code is not None)
+
+    async def _provision(self, subs: list[tuple], replace: bool, now_ms: int | None, single: bool) -> list:
         await self.ready()
-        done = 0
+        out: list = []
+        groups = {sub.group for sub, *_ in subs if sub.group}
+        group_partitions = {group: await self.group_partition(group) for group in groups}
+        for group, partition in group_partitions.items():
+            if partition is None:
+                raise UnknownGroup(group)
         for start in range(0, len(subs), PROVISION_CHUNK):
             chunk = subs[start:start + PROVISION_CHUNK]
-            known = await self._known_partitions([sub.msisdn for sub, _, _ in chunk])
+            known = await self._known_locations([row[0].msisdn for row in chunk])
             commands: list[tuple] = []
             firsts = []
-            for (sub, money, allowances), partition in zip(chunk, known, strict=True):
-                if partition is not None and not replace:
+            for row, at in zip(chunk, known, strict=True):
+                sub, money, allowances = row[0], row[1], row[2]
+                buckets = row[3] if len(row) > 3 else ()
+                if at is not None and not replace:
+                    if single:
+                        raise SubscriberExists(sub.msisdn)
+                    out.append(None)
                     continue
-                firsts.append((sub, len(commands)))
-                commands += self._provision_commands(sub, partition if partition is not None
-                                                     else self._partition_of(sub), money, allowances, replace)
+                partition = self._partition_of(sub, group_partitions)
+                if at is not None:
+                    if at.group != (sub.group or ""):
+                        raise ValueError(f"subscriber {sub.msisdn} is in group {at.group or '(none)'}: join or "
+                                         "leave groups with join_group / leave_group")
+                    partition = at.partition
+                firsts.append((sub, len(commands), len(out)))
+                out.append(partition)
+                commands += self._provision_commands(sub, partition, money, allowances, replace, buckets, now_ms)
             if not commands:
                 continue
             results = await self._pipeline(commands)
             stale_imsis = []
-            for sub, first in firsts:
+            for sub, first, position in firsts:
                 code, old_imsi = int(results[first][0]), _text(results[first][1])
-                done += code != 0
+                if code == 0:
+                    if single:
+                        raise SubscriberExists(sub.msisdn)
+                    out[position] = None
                 if code == 2 and old_imsi and old_imsi != (sub.imsi or ""):
                     stale_imsis.append(k.idx_imsi_key(old_imsi))
                     self._imsis.drop(old_imsi)
                 self._forget_subscriber(sub)
             if stale_imsis:
                 await self.redis.delete(*stale_imsis)
-        return done
+        return out
 
-    def _partition_of(self, sub: Subscriber) -> int:
+    def _partition_of(self, sub: Subscriber, group_partitions: dict[str, int | None] | None = None) -> int:
+        if sub.group:
+            partition = (group_partitions or {}).get(sub.group)
+            if partition is None:
+                raise UnknownGroup(sub.group)
+            if sub.partition is not None and sub.partition != partition:
+                raise ValueError(f"a member of group {sub.group} lives in the group's partition {partition}")
+            return partition
         if sub.partition is not None:
             if not 0 <= sub.partition < self.partitions:
                 raise ValueError(f"partition {sub.partition} outside 0..{self.partitions - 1}")
@@ -649,23 +971,34 @@ class BalanceStore:
         location = await self.locate_msisdn(msisdn)
         if location is None:
             return None
-        fields = {_text(f): _text(v) for f, v in
-                  (await self.redis.hgetall(k.sub_key(location.partition, msisdn))).items()}
+        p = location.partition
+        raw_fields, money_meta = await self._pipeline([("HGETALL", k.sub_key(p, msisdn)),
+                                                       ("HGET", k.bal_key(p, msisdn), "money:m")])
+        fields = {_text(f): _text(v) for f, v in _pairs(raw_fields)}
         if not fields:
             return None
+        limit = 0
+        if money_meta is not None:
+            limit = int(msgspec.json.decode(money_meta).get("credit_limit") or 0)
         return Subscriber(msisdn=fields.get("msisdn", msisdn), imsi=fields.get("imsi"),
                           plan=fields.get("plan", ""), status=fields.get("status", ""),
-                          currency=fields.get("currency", ""), partition=location.partition)
+                          currency=fields.get("currency", ""), partition=p, kind=fields.get("kind", "prepaid"),
+                          credit_limit=limit, group=fields.get("group"))
 
     async def balances(self, msisdn: str) -> list[BucketState]:
-        """Every bucket with its balance and reservation, money first."""
+        """Every bucket with its balance and reservation (money first), then the group's shared buckets for a
+        member ('@<id>', with the member's limit and use). Metadata as provisioned (None: the spine's)."""
         location = await self.locate_msisdn(msisdn)
         if location is None:
             raise UnknownSubscriber(msisdn)
-        fields = {_text(f): int(v) for f, v in
-                  (await self.redis.hgetall(k.bal_key(location.partition, msisdn))).items()}
-        buckets = sorted({f.removesuffix(":r") for f in fields}, key=lambda b: (b != "money", b))
-        return [BucketState(b, fields.get(b, 0), fields.get(b + ":r", 0)) for b in buckets]
+        p = location.partition
+        own, group = await self._pipeline([("HGETALL", k.bal_key(p, msisdn)), ("HGET", k.sub_key(p, msisdn), "group")])
+        states = bucket_states(dict(_pairs(own)))
+        if group is not None:
+            name = _text(group)
+            shared = await self._commands(("HGETALL", k.group_key(p, name)))
+            states += bucket_states(dict(_pairs(shared)), group=name, member=msisdn)
+        return states
 
     async def count_open_sessions(self) -> int:
         await self.ready()

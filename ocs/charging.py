@@ -458,6 +458,7 @@ class CreditControl:
                 termination_cause=message.get("Termination-Cause"),
                 context=context,
                 command_level=command_level and bool(msccs),
+                group=location.group,
             )
             charge_started = time.perf_counter()
             outcome = await self.store.charge(request)
@@ -466,7 +467,7 @@ class CreditControl:
             if outcome.stale_plan is None:
                 break
             self.store.forget(msisdn=location.msisdn, session_id=session_id)
-            location = Location(location.partition, location.msisdn, outcome.stale_plan)
+            location = Location(location.partition, location.msisdn, outcome.stale_plan, outcome.stale_group or "")
         else:
             raise RequestRejected(UNABLE_TO_COMPLY, message="subscriber plan changed during the request")
         if rating_failures and not outcome.duplicate:

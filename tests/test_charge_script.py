@@ -364,7 +364,8 @@ async def test_events_all_four_actions_and_duplicates(store):
     outcome = await store.charge(event(2, REFUND_ACCOUNT, 1))
     assert outcome.msccs[0].amount == -50_000
     assert await buckets(store, at.msisdn) == {"money": (120_000, 0), "sms": (0, 0)}
-    [(_, ledger)] = await store.redis.xrange(k.ledger_key(at.partition))
+    [ledger] = [fields for _, fields in await store.redis.xrange(k.ledger_key(at.partition))
+                if fields[b"type"] == b"refund"]
     assert ledger == {b"type": b"refund", b"msisdn": at.msisdn.encode(), b"amount": b"50000",
                       b"reference": b"e1;2;1", b"time": str(NOW).encode()}
 

@@ -1,15 +1,23 @@
 -- charge.lua: one session CCR (INITIAL 1 / UPDATE 2 / TERMINATION 3), atomically.
 --
 -- KEYS[1] sub:{p}:<msisdn>   KEYS[2] bal:{p}:<msisdn>   KEYS[3] ses:{p}:<session-id>
--- KEYS[4] open:{p}           KEYS[5] cdr:{p}
+-- KEYS[4] open:{p}           KEYS[5] cdr:{p}            KEYS[6] ledger:{p}
+-- KEYS[7] bexp:{p}           [KEYS[8] grp:{p}:<group>, when the request names the subscriber's group]
 -- ARGV[1] the ChargeRequest as JSON
 -- Returns a ChargeOutcome as JSON.
 --
 -- Order: duplicate check -> subscriber checks -> session checks -> for each MSCC (release the rating
 -- group's reservation, commit the used units, reserve the new grant) -> TERMINATION closes the session ->
 -- store the outcome under a:<request-number> -> last activity. Reads happen up front (one HMGET of the
--- session, one HGETALL of the balances) and writes once at the end, apart from the CDR XADDs. The CDR
--- members that never change in a session are rendered at CCR-I and kept in the session as 'cdr'.
+-- session, one HGETALL of the balances, and of the group's shared buckets for a member) and writes once at
+-- the end, apart from the CDR and ledger XADDs. The CDR members that never change in a session are rendered
+-- at CCR-I and kept in the session as 'cdr'.
+--
+-- Buckets (common.lua): each rating group draws from the buckets that serve it, allowances before money, in
+-- priority then expiry order; ended buckets are settled (expired, or rolled over) before the MSCCs, and
+-- again after them when a released reservation had held one (or the session closes). The usage records of the request that took something from a bucket get one ledger "usage" entry
+-- (reference = '<session-id>;<request-number>', r = what each record, by rating group, took from each
+-- bucket) in this same call.
 --
 -- Choices:
 --  * Answers that change nothing (5030, 4010 on CCR-I, 5002, 5012, stale plan) are not stored: a
@@ -18,8 +26,12 @@
 --    number is answered 5012 UNABLE_TO_COMPLY and changes nothing: never a second reservation for a session.
 --  * The last WINDOW answers are kept; a request numbered at or below (highest - WINDOW) that has no stored
 --    answer cannot be told apart from an old duplicate and is answered 5012 without changes.
---  * A barred subscriber (status not "active"): CCR-I 4010 at command level; CCR-U commits the used units
---    and answers 4010 in each MSCC that asks for units; CCR-T is always processed (usage happened).
+--  * Subscriber status: "active" charges; "barred" and "suspended" (and any status this code does not know)
+--    get CCR-I 4010 at command level, and CCR-U commits the used units and answers 4010 in each MSCC that
+--    asks for units; "terminated" gets CCR-I 5030 (like an unknown subscriber), and CCR-U commits the used
+--    units, answers 5030 at command level and closes the session. CCR-T is always processed (usage happened).
+--  * The caller names the subscriber's group (req.group, from the index); a different one on record is
+--    answered like a stale plan (stale_plan + stale_group, 5012) so the caller refreshes and retries.
 --  * An RSU with no value in the schedule's unit, or a zero value, means the default quota.
 --  * Quota control per rating group (the schedule): credit_control = false answers 4011 with no quota and
 --    records reported usage at amount 0; barred answers 4010 to a request for units (usage still charged).
@@ -41,6 +53,7 @@ local RESTRICTED = '{"u":0,"b":{},"f":2}' -- a rating group whose final units ar
 local CLOSED_TTL_MS = 86400000 -- a closed session keeps its stored answers for a day
 
 local sub_key, bal_key, ses_key, open_key, cdr_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local ledger_key, bexp_key, grp_key = KEYS[6], KEYS[7], KEYS[8]
 local req = decode(ARGV[1])
 
 local rtype = req.request_type
@@ -69,14 +82,19 @@ if ses[5] then
 end
 
 -- 2. subscriber
-local sub = call('HMGET', sub_key, 'msisdn', 'plan', 'status', 'imsi', 'currency')
+local sub = call('HMGET', sub_key, 'msisdn', 'plan', 'status', 'imsi', 'currency', 'group')
 if not sub[1] then
   return outcome_json(5030, nil, e2e)
 end
-if sub[2] ~= req.plan then
-  return outcome_json(5012, nil, e2e, { stale_plan = sub[2] or '' })
+local group = sub[6] or ''
+if sub[2] ~= req.plan or group ~= (present(req.group) and req.group or '') or (group ~= '' and not grp_key) then
+  return outcome_json(5012, nil, e2e, { stale_plan = sub[2] or '', stale_group = group })
 end
 local active = sub[3] == 'active'
+local terminated = sub[3] == 'terminated'
+if rtype == 1 and terminated then
+  return outcome_json(5030, nil, e2e)
+end
 if rtype == 1 and not active then
   return outcome_json(4010, nil, e2e)
 end
@@ -114,8 +132,15 @@ if req.origin_host ~= '' or rtype == 1 then
   ses_set[#ses_set + 1] = req.peer or req.origin_host
 end
 
--- 4. the MSCCs, in order
-local w = wallet(bal_key)
+-- 4. the MSCCs, in order, between two settlements of expired buckets
+local p = purse(wallet(bal_key), group ~= '' and wallet(grp_key) or nil, req.msisdn, group)
+local ctx = { ledger = ledger_key, bexp = bexp_key, now = now }
+local metadata = p.own.m or p.grp
+if metadata then
+  settle_purse(p, ctx)
+end
+local debits = {} -- {rating group, money amount, {ref, amount} list} for the ledger
+local expired_held = false
 local reservations = {} -- 'r:<rg>' -> value to store (false: none)
 local existed = {} -- 'r:<rg>' -> true when the session hash has it now
 for i in ipairs(req.msccs) do
@@ -137,16 +162,23 @@ for i, m in ipairs(req.msccs) do
   -- those units), unless the rating group is restricted: then it asks again (RFC 4006 §5.6.3)
   local idle = held and not used and not m.requested and rtype ~= 3 and not string.find(held, '"f":2', 1, true)
   -- (a) the old reservation goes back first: the used units are paid out of it
-  local state = 0 -- final-units state of the rating group (see release in common.lua)
+  local state, was = 0, nil -- final-units state of the rating group (see release in common.lua), what it held
   if held and not idle then
-    state = release(w, held)
+    state, was = release(p, held)
     reservations[field] = false
+  end
+  local src = sources(p, s, m.rating_group, now, was)
+  if src.grace then
+    expired_held = true -- what an expired bucket held is back: what usage does not take expires below
   end
   -- (b) used units
   if used then
-    local amount, taken = commit_usage(w, s, units_in(s.unit, m.used) or 0)
+    local amount, taken = commit_usage(p, s, src, units_in(s.unit, m.used) or 0)
     o.amount = amount
     rated_record(cdr_key, 'usage', rec, m, s, m.used, amount, taken)
+    if #taken > 0 then
+      debits[#debits + 1] = { m.rating_group, amount, taken }
+    end
   end
   -- (c) a new grant
   if rtype ~= 3 and not idle then
@@ -161,7 +193,7 @@ for i, m in ipairs(req.msccs) do
           want = s.default_quota
         end
         want = math.min(want, s.max_quota)
-        local granted, held, money, allowance_units = plan_grant(w, s, want)
+        local granted, held, money, allowance_units = plan_grant(p, s, src, want)
         if granted == 0 then
           if s.final_unit_action ~= 0 then
             o.final_unit_action = s.final_unit_action
@@ -171,7 +203,7 @@ for i, m in ipairs(req.msccs) do
           end
         else
           for _, kv in ipairs(held) do
-            wadd(w, kv[1] .. ':r', kv[2])
+            hold(p, kv[1], kv[2])
           end
           local flag = ''
           if granted < want then
@@ -203,6 +235,9 @@ local result = 2001
 if req.command_level and outcomes[1] and outcomes[1].result_code ~= 2001 then
   result = outcomes[1].result_code
 end
+if terminated and rtype == 2 then
+  result = 5030 -- the subscriber is gone: the used units are charged, the session ends
+end
 local closing = rtype == 3 or result ~= 2001
 
 -- 5. TERMINATION (or a command-level failure) releases what other rating groups still hold and closes the
@@ -217,20 +252,20 @@ if closing then
   if #others > 0 then
     local values = call('HMGET', ses_key, unpack_(others))
     for i, field in ipairs(others) do
-      release(w, values[i])
+      release(p, values[i])
       reservations[field] = false
       existed[field] = true
     end
   end
   for field, value in pairs(reservations) do
     if value then -- granted in this request: a CCR-T grants nothing, so only by a repeated rating group
-      release(w, value)
+      release(p, value)
       reservations[field] = false
     end
   end
   local cause = CLOSING_CAUSE[req.termination_cause] or 'normalRelease'
   if rtype ~= 3 then
-    cause = result == 4011 and 'normalRelease' or 'abnormalRelease'
+    cause = result == 4011 and 'normalRelease' or (terminated and 'managementIntervention' or 'abnormalRelease')
   end
   close_record(cdr_key, rec, cause, sub[5] or 'EUR')
   call('ZREM', open_key, req.session_id)
@@ -239,7 +274,14 @@ if closing then
   ses_set[#ses_set + 1] = 'closed'
   ses_set[#ses_set + 1] = int(now)
 end
-wsave(w)
+if #debits > 0 then
+  usage_entry(ledger_key, req.msisdn, group, req.session_id .. ';' .. int(n), debits, now)
+end
+if metadata and (expired_held or closing) then
+  settle_purse(p, ctx)
+end
+wsave(p.own)
+wsave(p.grp)
 
 -- the answer, stored for duplicates, and the last activity
 local out = outcome_json(result, outcomes, e2e)

@@ -3,6 +3,7 @@
 --
 -- KEYS[1] sub:{p}:<msisdn>   KEYS[2] bal:{p}:<msisdn>   KEYS[3] ses:{p}:<session-id>
 -- KEYS[4] open:{p}           KEYS[5] cdr:{p}            [KEYS[6] subses:{p}:<msisdn>]
+-- [KEYS[7] grp:{p}:<group>: the subscriber's group, whose shared buckets its reservations may hold]
 -- ARGV[1] session id   ARGV[2] msisdn   ARGV[3] causeForRecClosing   ARGV[4] now_ms
 -- [ARGV[5] conditions, JSON, each optional; checked here, atomically, so that two OCS processes noticing the
 --  same thing close a session once, and a session that was active meanwhile is not closed:
@@ -21,6 +22,7 @@ local CLOSED_TTL_MS = 86400000
 
 local sub_key, bal_key, ses_key, open_key, cdr_key, subses_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5],
   KEYS[6]
+local grp_key = KEYS[7]
 local session_id, msisdn, cause, now = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 if not is_int(now) then
   return redis.error_reply('ERR close: now_ms must be an integer')
@@ -88,14 +90,15 @@ if present(cond.tcc) then
   end
 end
 
-local w = wallet(bal_key)
+local p = purse(wallet(bal_key), grp_key and wallet(grp_key) or nil, msisdn, '')
 if #held > 0 then
   for _, value in ipairs(call('HMGET', ses_key, unpack_(held))) do
-    release(w, value)
+    release(p, value)
   end
   call('HDEL', ses_key, unpack_(held))
 end
-wsave(w)
+wsave(p.own)
+wsave(p.grp)
 
 local rec = record_parts(ses[3], session_id, tonumber(ses[4]) or 0, now)
 close_record(cdr_key, rec, cause, call('HGET', sub_key, 'currency') or 'EUR')

@@ -21,12 +21,13 @@ local function capture()
   return type, ipairs, pairs, tonumber, tostring, unpack, string, math, table, cjson, redis.call
 end
 local type, ipairs, pairs, tonumber, tostring, unpack, string, math, table, cjson, call
-local fmt, floor, min, concat, encode, decode, null, unpack_
+local fmt, floor, min, concat, encode, decode, null, unpack_, byte, strsub
 
 local function bind()
   type, ipairs, pairs, tonumber, tostring, unpack, string, math, table, cjson, call = capture()
   fmt, floor, min, concat = string.format, math.floor, math.min, table.concat
   encode, decode, null, unpack_ = cjson.encode, cjson.decode, cjson.null, unpack
+  byte, strsub = string.byte, string.sub
 end
 
 local function int(n)
@@ -124,7 +125,7 @@ local function mscc_json(o)
   return concat(p)
 end
 
--- extra: optional table with check_balance_result / stale_plan
+-- extra: optional table with check_balance_result / stale_plan / stale_group
 local function outcome_json(result_code, msccs, end_to_end, extra)
   local p = { '{"result_code":', int(result_code) }
   if msccs and #msccs > 0 then
@@ -140,6 +141,9 @@ local function outcome_json(result_code, msccs, end_to_end, extra)
     end
     if extra.stale_plan then
       p[#p + 1] = ',"stale_plan":' .. encode(extra.stale_plan)
+    end
+    if extra.stale_group then
+      p[#p + 1] = ',"stale_group":' .. encode(extra.stale_group)
     end
   end
   p[#p + 1] = ',"end_to_end":' .. int(end_to_end) .. '}'
@@ -347,17 +351,59 @@ local function grant_json(s, granted, requested)
 end
 
 -- ---- buckets -------------------------------------------------------------------------------------------
--- A function reads the bal: hash once into a wallet table, changes the table, and writes the changed fields
--- back once at the end (absolute values: the call is atomic). Fields: '<bucket>' = balance,
--- '<bucket>:r' = reserved; a reservation that drops to 0 is deleted.
+-- A balance hash (bal:{p}:<msisdn>, or grp:{p}:<group> for the buckets a sharing group's members share)
+-- holds per bucket:
+--   '<id>'             balance (money in micro-units, allowances in units), reservations included
+--   '<id>:r'           reserved by open sessions (deleted at 0)
+--   '<id>:m'           metadata JSON; absent for the spine's buckets (then the schedule names them:
+--                      money_bucket, allowances). Keys: unit ('money', 'bytes', 'seconds', 'events' or a
+--                      service-specific unit name, counted like events), priority (lower first; default
+--                      100), valid_from / valid_until (epoch ms, [from, until)), services (rating groups;
+--                      absent = every rating group priced in the unit), rollover {cap, into, validity_ms,
+--                      rolled = carried so far}, credit_limit (money: may be drawn down to -limit),
+--                      member_limits {msisdn: units} (shared buckets)
+--   '<id>:c:<msisdn>'  shared buckets: units the member has used from it
+--   '<id>:h:<msisdn>'  shared buckets: units the member's sessions hold now (deleted at 0)
+-- A function reads each hash once into a wallet table, changes the table, and writes the changed fields
+-- back once at the end (absolute values: the call is atomic).
+-- A purse is what one subscriber can draw from: its wallet and, for a group member, the group's wallet.
+-- A bucket reference ('ref') names a bucket of the purse: 'data' is the subscriber's, '@data' the group's.
+-- Reservations ('r:<rg>' "b"), CDR "bucket" maps and ledger entries use refs.
+
+local DEFAULT_PRIORITY = 100
+local FOREVER = 9e15 -- later than any valid_until
+
+-- Decoded metadata, by its JSON text: a pure function of the text, kept between calls (bounded) because the
+-- same few texts are read on every charge. The tables are shared: never change one in place; meta_edit()
+-- gives a private copy.
+local meta_cache, meta_cached, META_CACHE_MAX = {}, 0, 20000
+
+local function meta_of(raw)
+  local meta = meta_cache[raw]
+  if not meta then
+    meta = decode(raw)
+    if meta_cached >= META_CACHE_MAX then
+      meta_cache, meta_cached = {}, 0
+    end
+    meta_cache[raw] = meta
+    meta_cached = meta_cached + 1
+  end
+  return meta
+end
 
 local function wallet(key)
   local flat = call('HGETALL', key)
-  local v = {}
+  local v, m = {}, nil
   for i = 1, #flat, 2 do
-    v[flat[i]] = tonumber(flat[i + 1])
+    local x = tonumber(flat[i + 1])
+    if x then
+      v[flat[i]] = x
+    else -- '<id>:m'
+      if not m then m = {} end
+      m[strsub(flat[i], 1, -3)] = meta_of(flat[i + 1])
+    end
   end
-  return { key = key, v = v, dirty = {} }
+  return { key = key, v = v, m = m, dirty = {}, mdirty = nil }
 end
 
 local function wadd(w, field, delta)
@@ -367,24 +413,68 @@ local function wadd(w, field, delta)
   end
 end
 
--- balance - reserved of a bucket, never below 0
-local function available(w, bucket)
-  local a = (w.v[bucket] or 0) - (w.v[bucket .. ':r'] or 0)
-  if a < 0 then
-    return 0
+local function wmeta(w, id, meta)
+  if not w.m then w.m = {} end
+  w.m[id] = meta
+  if not w.mdirty then w.mdirty = {} end
+  w.mdirty[id] = true
+end
+
+-- a bucket's metadata to change: a copy (nested tables copied too), registered as the wallet's and written
+-- back by wsave; an empty table for a bucket without metadata
+local function meta_edit(w, id)
+  local old = w.m and w.m[id]
+  local new = {}
+  if old then
+    for key, value in pairs(old) do
+      if type(value) == 'table' then
+        local copy = {}
+        for k2, v2 in pairs(value) do copy[k2] = v2 end
+        value = copy
+      end
+      new[key] = value
+    end
   end
-  return a
+  wmeta(w, id, new)
+  return new
+end
+
+-- removes a bucket with its reservation, metadata and member counters
+local function wdrop(w, id)
+  local prefix = id .. ':'
+  local n = #prefix
+  for field in pairs(w.v) do
+    if field == id or string.sub(field, 1, n) == prefix then
+      w.v[field] = nil
+      w.dirty[field] = true
+    end
+  end
+  if w.m and w.m[id] then
+    wmeta(w, id, nil)
+  end
 end
 
 local function wsave(w)
+  if not w then return end
   local set, del = {}, {}
   for field in pairs(w.dirty) do
     local value = w.v[field]
-    if value == 0 and string.sub(field, -2) == ':r' then
+    if value == nil or (value == 0 and (string.sub(field, -2) == ':r' or string.find(field, ':h:', 1, true))) then
       del[#del + 1] = field
     else
       set[#set + 1] = field
       set[#set + 1] = int(value)
+    end
+  end
+  if w.mdirty then
+    for id in pairs(w.mdirty) do
+      local meta = w.m[id]
+      if meta then
+        set[#set + 1] = id .. ':m'
+        set[#set + 1] = jval(meta)
+      else
+        del[#del + 1] = id .. ':m'
+      end
     end
   end
   if #set > 0 then
@@ -395,85 +485,493 @@ local function wsave(w)
   end
 end
 
--- a session reservation ('r:<rg>' value: {"u": granted units, "b": {bucket: amount}, "f": state}) back to
--- the wallet; returns its final-units state: 0 none, 1 final units granted under REDIRECT/RESTRICT_ACCESS,
--- 2 restricted (the final units are used: no reservation, the gateway redirects or restricts the user)
-local function release(w, raw)
-  if raw then
-    local r = decode(raw)
-    for bucket, amount in pairs(r.b) do
-      wadd(w, bucket .. ':r', -amount)
-    end
-    if r.f and r.f ~= null then
-      return r.f
-    end
-  end
-  return 0
+local function purse(own, grp, msisdn, group)
+  return { own = own, grp = grp, msisdn = msisdn, group = group or '' }
 end
 
--- takes up to `want` units from the allowance buckets in order (available units only); returns the ordered
--- {bucket, units} list and the units still wanted. `apply` debits them from the wallet.
-local function from_allowances(w, s, want, apply)
+-- what the purse may still draw from a bucket: balance - reserved (+ credit limit), within the member's limit
+-- for a shared bucket; never below 0
+local function available(p, ref)
+  local w, id, shared = p.own, ref, false
+  if byte(ref, 1) == 64 then -- '@': the group's
+    w, id, shared = p.grp, strsub(ref, 2), true
+    if not w then return 0 end
+  end
+  local v = w.v
+  local a = (v[id] or 0) - (v[id .. ':r'] or 0)
+  local m = w.m
+  local meta = m and m[id]
+  if meta then
+    local limit = meta.credit_limit
+    if limit and limit ~= null then
+      a = a + limit
+    end
+    local limits = shared and meta.member_limits
+    if limits and limits ~= null then
+      local cap = limits[p.msisdn]
+      if cap and cap ~= null then
+        local left = cap - (v[id .. ':c:' .. p.msisdn] or 0) - (v[id .. ':h:' .. p.msisdn] or 0)
+        if left < a then a = left end
+      end
+    end
+  end
+  if a < 0 then
+    return 0
+  end
+  return a
+end
+
+-- reserve (amount > 0) or release (amount < 0)
+local function hold(p, ref, amount)
+  if byte(ref, 1) == 64 then
+    local w, id = p.grp, strsub(ref, 2)
+    if w then
+      wadd(w, id .. ':r', amount)
+      wadd(w, id .. ':h:' .. p.msisdn, amount)
+    end
+  else
+    wadd(p.own, ref .. ':r', amount)
+  end
+end
+
+-- debit (usage)
+local function debit(p, ref, amount)
+  if byte(ref, 1) == 64 then
+    local w, id = p.grp, strsub(ref, 2)
+    if w then
+      wadd(w, id, -amount)
+      wadd(w, id .. ':c:' .. p.msisdn, amount)
+    end
+  else
+    wadd(p.own, ref, -amount)
+  end
+end
+
+-- a session reservation ('r:<rg>' value: {"u": granted units, "b": {ref: amount}, "f": state}) back to the
+-- purse; returns its final-units state (0 none, 1 final units granted under REDIRECT/RESTRICT_ACCESS, 2
+-- restricted: the final units are used, nothing held) and what it held ({ref: amount}, or nil)
+local function release(p, raw)
+  if raw then
+    local r = decode(raw)
+    for ref, amount in pairs(r.b) do
+      hold(p, ref, -amount)
+    end
+    if r.f and r.f ~= null then
+      return r.f, r.b
+    end
+    return 0, r.b
+  end
+  return 0, nil
+end
+
+-- does a bucket with metadata serve rating group rg of schedule s? (validity is checked by the caller)
+local function serves(meta, s, rg, own_id)
+  local unit = meta.unit
+  if unit == 'money' then
+    if own_id == s.money_bucket then return true end
+  elseif unit ~= s.unit and (s.unit ~= 'events' or UNIT_KINDS[unit]) then
+    return false
+  end
+  local services = meta.services
+  if services == nil or services == null then
+    return true
+  end
+  for _, x in ipairs(services) do
+    if x == rg then return true end
+  end
+  return false
+end
+
+local function before(a, b)
+  if a[2] ~= b[2] then return a[2] < b[2] end
+  if a[3] ~= b[3] then return a[3] < b[3] end
+  if a[4] ~= b[4] then return a[4] < b[4] end
+  return a[1] < b[1]
+end
+
+-- {ref, priority, valid_until, rank} entries sorted (an insertion sort: a subscriber has a handful of buckets)
+-- into a list of refs
+local function refs_of(list)
+  for i = 2, #list do
+    local e = list[i]
+    local j = i - 1
+    while j > 0 and before(e, list[j]) do
+      list[j + 1] = list[j]
+      j = j - 1
+    end
+    list[j + 1] = e
+  end
+  for i = 1, #list do
+    list[i] = list[i][1]
+  end
+  return list
+end
+
+-- The buckets rating group rg draws from, in consumption order (priority, then earliest expiry, then the
+-- schedule's order, the subscriber's own before the group's): {allow = refs, money = refs, grace = nil or
+-- {ref: cap}}. Buckets outside their validity window are left out, except an expired bucket a released
+-- reservation held (`held`, {ref: amount}): the grant was made while it was valid, so usage reported after
+-- the expiry may still be paid from it, up to what was held (grace; never for a new grant).
+local function sources(p, s, rg, now, held)
+  local own, grp = p.own, p.grp
+  if not own.m and not grp then -- the spine's buckets: the schedule says which
+    return { allow = s.allowances, money = { s.money_bucket } }
+  end
+  local allow, money, grace = {}, {}, nil
+  for i, id in ipairs(s.allowances) do
+    if not (own.m and own.m[id]) then
+      allow[#allow + 1] = { id, DEFAULT_PRIORITY, FOREVER, i }
+    end
+  end
+  if not (own.m and own.m[s.money_bucket]) then
+    money[1] = { s.money_bucket, DEFAULT_PRIORITY, FOREVER, 1e9 }
+  end
+  for pass = 1, 2 do
+    local w = pass == 1 and own or grp
+    if w and w.m then
+      for id, meta in pairs(w.m) do
+        if serves(meta, s, rg, pass == 1 and id) then
+          local ref = pass == 1 and id or '@' .. id
+          local from, till = meta.valid_from, meta.valid_until
+          local usable = from == nil or from == null or from <= now
+          if till == nil or till == null then
+            till = FOREVER
+          elseif usable and till <= now then
+            local cap = held and held[ref]
+            usable = cap ~= nil
+            if usable then
+              if not grace then grace = {} end
+              grace[ref] = cap
+            end
+          end
+          if usable then
+            local priority = meta.priority
+            if priority == nil or priority == null then priority = DEFAULT_PRIORITY end
+            local e = { ref, priority, till, pass == 1 and 0 or 1e9 + 1 }
+            if meta.unit == 'money' then
+              money[#money + 1] = e
+            else
+              allow[#allow + 1] = e
+            end
+          end
+        end
+      end
+    end
+  end
+  return { allow = refs_of(allow), money = refs_of(money), grace = grace }
+end
+
+-- what may be drawn from a source: its availability, for an expired bucket at most its grace, and nothing
+-- from an expired bucket for a new grant
+local function usable(p, src, ref, for_grant)
+  local a = available(p, ref)
+  local grace = src.grace
+  if grace then
+    grace = grace[ref]
+    if grace then
+      if for_grant then return 0 end
+      if grace < a then return grace end
+    end
+  end
+  return a
+end
+
+-- takes up to `want` units from the allowance buckets in order; returns the ordered {ref, units} list and
+-- the units still wanted. `apply` debits them.
+local function from_allowances(p, src, want, apply, for_grant)
   local rest = want
   local taken = {}
-  for _, bucket in ipairs(s.allowances) do
+  for _, ref in ipairs(src.allow) do
     if rest <= 0 then
       break
     end
-    local take = min(available(w, bucket), rest)
+    local take = min(usable(p, src, ref, for_grant), rest)
     if take > 0 then
-      taken[#taken + 1] = { bucket, take }
+      taken[#taken + 1] = { ref, take }
       rest = rest - take
       if apply then
-        wadd(w, bucket, -take)
+        debit(p, ref, take)
       end
     end
   end
   return taken, rest
 end
 
--- committed usage: allowances first, the rest priced in money (which may go negative: usage happened).
--- Returns the money amount and the ordered {bucket, amount} list of what was taken.
-local function commit_usage(w, s, units)
-  local taken, rest = from_allowances(w, s, units, true)
+-- money available to a rating group (all its money buckets)
+local function money_available(p, src, for_grant)
+  local total = 0
+  for _, ref in ipairs(src.money) do
+    total = total + usable(p, src, ref, for_grant)
+  end
+  return total
+end
+
+-- an amount of money split over the money buckets in order, each up to what it has; what they do not
+-- cover goes to `overflow` (committed usage: it happened, the balance may go below its floor). Appends
+-- {ref, amount} to `list`; `apply` debits.
+local function from_money(p, src, amount, list, apply, for_grant, overflow)
+  local left = amount
+  local first = #list + 1
+  for _, ref in ipairs(src.money) do
+    if left <= 0 then
+      break
+    end
+    local take = min(usable(p, src, ref, for_grant), left)
+    if take > 0 then
+      list[#list + 1] = { ref, take }
+      left = left - take
+      if apply then debit(p, ref, take) end
+    end
+  end
+  if left > 0 and overflow then
+    local merged = false
+    for i = first, #list do
+      if list[i][1] == overflow then
+        list[i][2] = list[i][2] + left
+        merged = true
+      end
+    end
+    if not merged then
+      list[#list + 1] = { overflow, left }
+    end
+    if apply then debit(p, overflow, left) end
+    left = 0
+  end
+  return left
+end
+
+-- committed usage: allowances first, the rest priced in money. Returns the money amount and the ordered
+-- {ref, amount} list of what was taken.
+local function commit_usage(p, s, src, units)
+  local taken, rest = from_allowances(p, src, units, true, false)
   local amount = price_units(s, rest)
   if amount ~= 0 then
-    wadd(w, s.money_bucket, -amount)
-    taken[#taken + 1] = { s.money_bucket, amount }
+    from_money(p, src, amount, taken, true, false, s.money_bucket)
   end
   return amount, taken
 end
 
 -- what a grant of `want` units would hold, allowances first then whole affordable increments of money;
--- changes nothing. Returns granted units, the ordered {bucket, amount} list, money amount, allowance units.
-local function plan_grant(w, s, want)
-  local held, left = from_allowances(w, s, want, false)
+-- changes nothing. Returns granted units, the ordered {ref, amount} list, money amount, allowance units.
+local function plan_grant(p, s, src, want)
+  local held, left = from_allowances(p, src, want, false, true)
   local allowance_units = want - left
   local money_units, money = 0, 0
   if left > 0 then
     if s.price_num == 0 then
       money_units = left
     else
-      local k = affordable_increments(s, available(w, s.money_bucket), ceil_div(left, s.increment))
+      local k = affordable_increments(s, money_available(p, src, true), ceil_div(left, s.increment))
       money_units = min(left, k * s.increment)
       money = price_increments(s, k)
     end
   end
   if money > 0 then
-    held[#held + 1] = { s.money_bucket, money }
+    from_money(p, src, money, held, false, true, nil)
   end
   return allowance_units + money_units, held, money, allowance_units
 end
 
--- what an all-or-nothing debit of `units` would take (allowances first): the ordered {bucket, amount} list,
+-- what an all-or-nothing debit of `units` would take (allowances first): the ordered {ref, amount} list,
 -- the money amount and whether it fits in the available money; changes nothing
-local function plan_debit(w, s, units)
-  local taken, rest = from_allowances(w, s, units, false)
+local function plan_debit(p, s, src, units)
+  local taken, rest = from_allowances(p, src, units, false, true)
   local amount = price_units(s, rest)
+  local short = 0
   if amount > 0 then
-    taken[#taken + 1] = { s.money_bucket, amount }
+    short = from_money(p, src, amount, taken, false, true, nil)
   end
-  return taken, amount, amount <= available(w, s.money_bucket)
+  return taken, amount, short == 0
+end
+
+-- ---- the ledger (XADD ledger:{pNNN}): every balance change, written by the function that makes it -------
+-- Fields: type, msisdn ('' for a group's own entries), amount (signed change of `bucket`; usage: the money
+-- amount of the records), reference, time, and when needed: bucket (absent = 'money'), b (JSON {ref: signed
+-- change} when several buckets change: provision), r (usage: JSON {"<rating group>": {ref: signed change}}),
+-- group (the group of '@' refs, or of a group's own entry), reason (adjustments), unit (of `bucket`, when it
+-- has metadata) or u (JSON {bucket: unit}: provision), so the unit of a bucket is known after it is gone.
+
+local function ledger_add(key, kind, msisdn, group, bucket, amount, reference, now, b, reason, unit)
+  local args = { 'type', kind, 'msisdn', msisdn, 'amount', int(amount), 'reference', reference, 'time', int(now) }
+  if bucket and bucket ~= 'money' then
+    args[#args + 1] = 'bucket'
+    args[#args + 1] = bucket
+  end
+  if unit and unit ~= null then
+    args[#args + 1] = 'unit'
+    args[#args + 1] = unit
+  end
+  if b then
+    args[#args + 1] = 'b'
+    args[#args + 1] = b
+  end
+  if group and group ~= '' then
+    args[#args + 1] = 'group'
+    args[#args + 1] = group
+  end
+  if reason and reason ~= '' then
+    args[#args + 1] = 'reason'
+    args[#args + 1] = reason
+  end
+  call('XADD', key, '*', unpack_(args))
+end
+
+-- the ledger entry of a request's usage records: type "usage", reference '<session-id>;<request-number>' (the
+-- records' recordIds are '<reference>;<rating group>'), amount = their money amounts summed, r = JSON
+-- {"<rating group>": {ref: -amount taken}}; group when a '@' ref is in it. debits: {rating group, money
+-- amount, {ref, amount} list} per record.
+local function usage_entry(key, msisdn, group, reference, debits, now)
+  local order, by_rg, total, shared = {}, {}, 0, false
+  for _, d in ipairs(debits) do -- a rating group twice in one request is one record id: merged
+    local rg = d[1]
+    local changes = by_rg[rg]
+    if not changes then
+      changes = { refs = {}, v = {} }
+      by_rg[rg] = changes
+      order[#order + 1] = rg
+    end
+    for _, kv in ipairs(d[3]) do
+      local ref = kv[1]
+      if not changes.v[ref] then
+        changes.refs[#changes.refs + 1] = ref
+        changes.v[ref] = 0
+      end
+      changes.v[ref] = changes.v[ref] - kv[2]
+      if byte(ref, 1) == 64 then shared = true end
+    end
+    total = total + d[2]
+  end
+  local records = {}
+  for i, rg in ipairs(order) do
+    local changes, p = by_rg[rg], {}
+    for j, ref in ipairs(changes.refs) do
+      p[j] = encode(ref) .. ':' .. int(changes.v[ref])
+    end
+    records[i] = '"' .. int(rg) .. '":{' .. concat(p, ',') .. '}'
+  end
+  local r = '{' .. concat(records, ',') .. '}'
+  if shared then
+    call('XADD', key, '*', 'type', 'usage', 'msisdn', msisdn, 'amount', int(total), 'reference', reference,
+      'time', int(now), 'r', r, 'group', group)
+  else
+    call('XADD', key, '*', 'type', 'usage', 'msisdn', msisdn, 'amount', int(total), 'reference', reference,
+      'time', int(now), 'r', r)
+  end
+end
+
+-- when the wallet's next bucket ends (its score in bexp:{p}), or nil: the earliest valid_until after now; a
+-- bucket that has ended but is still held by a session (settle left it) is due again at the next sweep
+local function next_expiry(w, now)
+  local first = nil
+  if w.m then
+    for _, meta in pairs(w.m) do
+      local till = meta.valid_until
+      if till and till ~= null then
+        if till <= now then till = now + 1 end
+        if not first or till < first then first = till end
+      end
+    end
+  end
+  return first
+end
+
+-- Expiry and rollover of one wallet's buckets whose validity ended (valid_until <= now): the part nobody
+-- holds (balance - reserved) leaves the bucket. With a rollover rule, up to its cap (less what earlier passes
+-- carried) moves into the `into` bucket (default '<id>.rollover': created valid for the next period, the same
+-- length as this one or validity_ms, same unit, priority and services), the rest is expired. A bucket with
+-- nothing left and nothing held is removed. Buckets without a rollover rule go first, so a rollover bucket
+-- of the previous period is expired before this period's carry arrives. Ledger: "expiry" (negative),
+-- "rollover" out of the old bucket (negative, reference = the target) and into the target (positive,
+-- reference = the old bucket). ctx: {ledger, bexp, now}; owner/group: the ledger's msisdn/group fields,
+-- member: the bexp member ('m:<msisdn>' / 'g:<group>'). Returns the number of ledger entries written.
+local function settle(w, ctx, owner, group, member)
+  local m = w.m
+  if not m then
+    return 0
+  end
+  local now = ctx.now
+  local due = nil
+  for id, meta in pairs(m) do
+    local till = meta.valid_until
+    if till and till ~= null and till <= now then
+      if not due then due = {} end
+      local rolls = meta.rollover and meta.rollover ~= null
+      due[#due + 1] = { id, rolls and 1 or 0, till }
+    end
+  end
+  if not due then
+    return 0
+  end
+  table.sort(due, function(a, b)
+    if a[2] ~= b[2] then return a[2] < b[2] end
+    if a[3] ~= b[3] then return a[3] < b[3] end
+    return a[1] < b[1]
+  end)
+  local entries = 0
+  local v = w.v
+  for _, d in ipairs(due) do
+    local id = d[1]
+    local meta = m[id]
+    local rest = (v[id] or 0) - (v[id .. ':r'] or 0)
+    if rest > 0 then
+      local rule = meta.rollover
+      if rule and rule ~= null then
+        local rolled = present(meta.rolled) and meta.rolled or 0
+        local carry = min(rest, math.max((present(rule.cap) and rule.cap or 0) - rolled, 0))
+        if carry > 0 then
+          local target = present(rule.into) and rule.into or id .. '.rollover'
+          local tm = m[target]
+          local till = meta.valid_until
+          if tm and present(tm.valid_until) and tm.valid_until <= now then
+            target = target .. '.' .. int(till) -- the old one still holds reserved units
+            tm = m[target]
+          end
+          if not tm then
+            local length = rule.validity_ms
+            if not present(length) and present(meta.valid_from) then
+              length = till - meta.valid_from
+            end
+            tm = { unit = meta.unit, priority = meta.priority, services = meta.services, valid_from = till,
+              member_limits = meta.member_limits }
+            if present(length) and length > 0 then
+              tm.valid_until = till + length
+              call('ZADD', ctx.bexp, 'LT', int(tm.valid_until), member)
+            end
+            wmeta(w, target, tm)
+          end
+          wadd(w, id, -carry)
+          wadd(w, target, carry)
+          meta = meta_edit(w, id)
+          meta.rolled = rolled + carry
+          ledger_add(ctx.ledger, 'rollover', owner, group, id, -carry, target, now, nil, nil, meta.unit)
+          ledger_add(ctx.ledger, 'rollover', owner, group, target, carry, id, now, nil, nil, tm.unit)
+          entries = entries + 2
+          rest = rest - carry
+        end
+      end
+      if rest > 0 then
+        wadd(w, id, -rest)
+        ledger_add(ctx.ledger, 'expiry', owner, group, id, -rest, '', now, nil, nil, meta.unit)
+        entries = entries + 1
+      end
+    end
+    if (v[id] or 0) == 0 and (v[id .. ':r'] or 0) == 0 then
+      wdrop(w, id)
+    end
+  end
+  return entries
+end
+
+-- settles both wallets of a purse
+local function settle_purse(p, ctx)
+  local n = 0
+  if p.own.m then
+    n = settle(p.own, ctx, p.msisdn, nil, 'm:' .. p.msisdn)
+  end
+  if p.grp and p.grp.m then
+    n = n + settle(p.grp, ctx, '', p.group, 'g:' .. p.group)
+  end
+  return n
 end
 
 -- ---- CDR records (XADD cdr:{pNNN} * r <json>; the CDR writer depends on this format) -------------------

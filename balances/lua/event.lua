@@ -1,28 +1,34 @@
 -- event.lua: one EVENT request (CC-Request-Type 4), atomically, by Requested-Action.
 --
 -- KEYS[1] sub:{p}:<msisdn>   KEYS[2] bal:{p}:<msisdn>   KEYS[3] evt:{p}:<session-id>:<request-number>
--- KEYS[4] cdr:{p}            KEYS[5] ledger:{p}
+-- KEYS[4] cdr:{p}            KEYS[5] ledger:{p}         KEYS[6] bexp:{p}
+-- [KEYS[7] grp:{p}:<group>, when the request names the subscriber's group]
 -- ARGV[1] the ChargeRequest as JSON (request_type 4, requested_action set)
 -- Returns a ChargeOutcome as JSON.
 --
 -- Units of an MSCC: its requested units in the schedule's unit, else its used units, else the schedule's
 -- default quota (no max_quota cap: an event is priced as asked).
---  DIRECT_DEBITING (0): allowances first, then money; all or nothing per MSCC: 4012 and no debit when the
---                       rest does not fit in the available money. One "event" CDR record per debit.
---  REFUND_ACCOUNT (1):  credits the full money price of the units; ledger entry and a "refund" CDR record
---                       with the negative amount (MsccOutcome.amount is negative too).
+--  DIRECT_DEBITING (0): allowances first, then money (the buckets that serve the rating group, as in
+--                       charge.lua); all or nothing per MSCC: 4012 and no debit when the rest does not fit
+--                       in the available money. One "event" CDR record per debit, and one ledger "usage" entry
+--                       for the request (as in charge.lua).
+--  REFUND_ACCOUNT (1):  credits the full money price of the units to the schedule's money bucket; ledger
+--                       "refund" entry and a "refund" CDR record with the negative amount (MsccOutcome.amount
+--                       is negative too), both with the same record id.
 --  CHECK_BALANCE (2):   check_balance_result 0 when each MSCC, on its own, could be debited, else 1.
---                       Writes nothing.
+--                       Writes nothing (beyond settling ended buckets, as every action does).
 --  PRICE_ENQUIRY (3):   MsccOutcome.cost = the money price of the units (allowances ignored). Writes nothing.
 -- A rating group outside credit control (schedule credit_control = false) is answered 4011 for every action;
 -- a DIRECT_DEBITING of it is recorded as an "event" CDR record at amount 0. A barred rating group (schedule
 -- barred) is answered 4010 for DIRECT_DEBITING.
 -- Every processed answer (all four actions) is stored under evt:... for TTL_MS for duplicates; answers
--- that change nothing (5030, 4010, stale plan) are not. A barred subscriber gets 4010 for DIRECT_DEBITING.
+-- that change nothing (5030, 4010, stale plan) are not. A barred or suspended subscriber gets 4010 for
+-- DIRECT_DEBITING, a terminated one 5030 for every action. Expired buckets are settled first.
 
 local TTL_MS = 300000
 
 local sub_key, bal_key, evt_key, cdr_key, ledger_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local bexp_key, grp_key = KEYS[6], KEYS[7]
 local req = decode(ARGV[1])
 
 if req.request_type ~= 4 then
@@ -43,12 +49,13 @@ if stored then
   return as_duplicate(stored)
 end
 
-local sub = call('HMGET', sub_key, 'msisdn', 'plan', 'status', 'imsi', 'currency')
-if not sub[1] then
+local sub = call('HMGET', sub_key, 'msisdn', 'plan', 'status', 'imsi', 'currency', 'group')
+if not sub[1] or sub[3] == 'terminated' then
   return outcome_json(5030, nil, e2e)
 end
-if sub[2] ~= req.plan then
-  return outcome_json(5012, nil, e2e, { stale_plan = sub[2] or '' })
+local group = sub[6] or ''
+if sub[2] ~= req.plan or group ~= (present(req.group) and req.group or '') or (group ~= '' and not grp_key) then
+  return outcome_json(5012, nil, e2e, { stale_plan = sub[2] or '', stale_group = group })
 end
 if action == 0 and sub[3] ~= 'active' then
   return outcome_json(4010, nil, e2e)
@@ -66,9 +73,14 @@ local function usage_of(unit, units)
   return { units = units }
 end
 
-local w = wallet(bal_key)
+local p = purse(wallet(bal_key), group ~= '' and wallet(grp_key) or nil, req.msisdn, group)
+local ctx = { ledger = ledger_key, bexp = bexp_key, now = now }
+if p.own.m or p.grp then
+  settle_purse(p, ctx)
+end
 local outcomes = {}
 local enough = true
+local debits = {} -- {rating group, money amount, {ref, amount} list} for the ledger
 for i, m in ipairs(req.msccs) do
   local s = m.schedule
   local o = { rating_group = m.rating_group, service_id = m.service_id, result_code = 2001, amount = 0 }
@@ -87,30 +99,32 @@ for i, m in ipairs(req.msccs) do
   elseif action == 0 and s.barred then
     o.result_code = 4010
   elseif action == 0 then
-    local taken, amount, fits = plan_debit(w, s, units)
+    local taken, amount, fits = plan_debit(p, s, sources(p, s, m.rating_group, now, nil), units)
     if fits then
       for _, kv in ipairs(taken) do
-        wadd(w, kv[1], -kv[2])
+        debit(p, kv[1], kv[2])
       end
       o.amount = amount
       o.granted = units_json(s.unit, units)
       rated_record(cdr_key, 'event', rec, m, s, usage_of(s.unit, units), amount, taken)
+      if #taken > 0 then
+        debits[#debits + 1] = { m.rating_group, amount, taken }
+      end
     else
       o.result_code = 4012
     end
   elseif action == 1 then
     local amount = price_units(s, units)
     if amount > 0 then
-      wadd(w, s.money_bucket, amount)
-      call('XADD', ledger_key, '*', 'type', 'refund', 'msisdn', req.msisdn, 'amount', int(amount),
-        'reference', req.session_id .. ';' .. int(req.request_number) .. ';' .. int(m.rating_group),
-        'time', int(now))
+      wadd(p.own, s.money_bucket, amount)
+      ledger_add(ledger_key, 'refund', req.msisdn, nil, s.money_bucket, amount,
+        req.session_id .. ';' .. int(req.request_number) .. ';' .. int(m.rating_group), now)
     end
     o.amount = -amount
     rated_record(cdr_key, 'refund', rec, m, s, usage_of(s.unit, units), -amount,
       { { s.money_bucket, -amount } })
   elseif action == 2 then
-    local _, _, fits = plan_debit(w, s, units)
+    local _, _, fits = plan_debit(p, s, sources(p, s, m.rating_group, now, nil), units)
     if not fits then
       enough = false
     end
@@ -124,7 +138,11 @@ local extra = nil
 if action == 2 then
   extra = { check_balance_result = enough and 0 or 1 }
 end
-wsave(w)
+if #debits > 0 then
+  usage_entry(ledger_key, req.msisdn, group, req.session_id .. ';' .. int(req.request_number), debits, now)
+end
+wsave(p.own)
+wsave(p.grp)
 local out = outcome_json(2001, outcomes, e2e, extra)
 call('SET', evt_key, out, 'PX', TTL_MS)
 return out
