@@ -21,7 +21,9 @@ from rich.console import Console
 from rich.table import Table
 
 from billing.cli import register as register_billing
+from ocs.balance_cli import register as register_balances
 from ocs.config import Config, ConfigError, load_config
+from ocs.ratecard_cli import register as register_ratecards
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Online Charging Server (Diameter Gy/Ro)")
 subscriber_app = typer.Typer(no_args_is_help=True, help="Provision and inspect subscribers")
@@ -29,6 +31,8 @@ app.add_typer(subscriber_app, name="subscriber")
 session_app = typer.Typer(no_args_is_help=True, help="Server-initiated messages to the gateway of a session")
 app.add_typer(session_app, name="session")
 register_billing(app)  # bill, invoice, payment, account, cdr, reconcile (billing/cli.py)
+register_ratecards(app)  # ratecard validate|load|show, rate (ocs/ratecard_cli.py)
+register_balances(app, subscriber_app)  # audit, adjust, bucket, group, subscriber set-status|set-account
 
 console = Console()
 err_console = Console(stderr=True)
@@ -388,7 +392,7 @@ def topup(
 def _print_buckets(buckets: list[dict], currency: str) -> None:
     table = Table("bucket", "balance", "reserved", "available")
     for b in buckets:
-        if b["bucket"] == "money":
+        if b["bucket"] == "money" or b.get("unit") == "money":
             fmt = lambda v: f"{format_money(v)} {currency}"  # noqa: E731
         else:
             fmt = lambda v: f"{v:,}"  # noqa: E731
@@ -397,8 +401,10 @@ def _print_buckets(buckets: list[dict], currency: str) -> None:
 
 
 @app.command()
-def balance(msisdn: str, config: Path = ConfigOption, json: bool = JsonOption) -> None:
-    """Show a subscriber's buckets: balance, reserved and available."""
+def balance(msisdn: str, config: Path = ConfigOption, json: bool = JsonOption,
+            history: bool = typer.Option(False, "--history", help="Every ledger entry of its buckets, with the "
+                                         "running balance per bucket")) -> None:
+    """Show a subscriber's buckets: balance, reserved and available (--history: explained line by line)."""
     cfg = get_config(config)
 
     async def main() -> dict:
@@ -407,11 +413,21 @@ def balance(msisdn: str, config: Path = ConfigOption, json: bool = JsonOption) -
             if sub is None:
                 raise CliError(f"unknown subscriber {msisdn}")
             buckets = await store.balances(msisdn)
-        return {"msisdn": msisdn, "currency": sub.currency, "buckets": msgspec.to_builtins(buckets)}
+            lines = await store.history(msisdn) if history else None
+        result = {"msisdn": msisdn, "currency": sub.currency, "buckets": msgspec.to_builtins(buckets)}
+        if lines is not None:
+            result["history"] = lines
+        return result
 
     result = run_async(main)
     if json:
         emit_json(result)
+    elif history:
+        from ocs.balance_cli import format_history
+
+        units = {b["bucket"]: b.get("unit") for b in result["buckets"]}
+        console.print(format_history(result["history"], units, result["currency"], currency_of(cfg)[1]))
+        _print_buckets(result["buckets"], result["currency"])
     else:
         _print_buckets(result["buckets"], result["currency"])
 
@@ -536,18 +552,29 @@ def cdr_writer(config: Path = ConfigOption) -> None:
 
 @app.command()
 def simulate(
-    host: str = typer.Option("127.0.0.1", "--host"),
-    port: int = typer.Option(3868, "--port"),
+    host: str = typer.Option(None, "--host", help="Server address (default 127.0.0.1, or the scenario's)"),
+    port: int = typer.Option(None, "--port", help="Server port (default 3868, or the scenario's)"),
     sessions_: int = typer.Option(100, "--sessions", help="Number of CCR-I/U/T sessions"),
     updates: int = typer.Option(3, "--updates", help="CCR-U per session"),
     concurrency: int = typer.Option(50, "--concurrency", help="Sessions in flight at once"),
     connections: int = typer.Option(1, "--connections", help="Client connections (gateways)"),
     msisdn: list[str] = typer.Option(None, "--msisdn", help="Subscribers to use (default: the demo ones)"),
+    scenario: str = typer.Option(None, "--scenario", help="Scenario TOML file, or a ready one: smoke, "
+                                 "steady-data, peak-mixed, retransmission-storm (the flags above are then unused)"),
+    plot: Path = typer.Option(None, "--plot", help="With --scenario: write a PNG latency plot here"),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="With --scenario: live progress"),
     json: bool = JsonOption,
 ) -> None:
     """Drive CCR-I/U/T sessions against a Gy server and report requests/s and latency."""
+    if scenario is not None:
+        from simulators.command import simulate_scenario
+
+        raise typer.Exit(simulate_scenario(scenario, host=host, port=port, as_json=json, plot=plot,
+                                           progress=progress, console=console, err_console=err_console))
     from simulators.gy import SimulationSettings, run_simulation
 
+    host = host if host is not None else "127.0.0.1"
+    port = port if port is not None else 3868
     if sessions_ < 1 or updates < 0 or concurrency < 1 or connections < 1:
         fail("--sessions, --concurrency and --connections must be ≥ 1 and --updates ≥ 0")
     settings = SimulationSettings(host=host, port=port, sessions=sessions_, updates=updates,

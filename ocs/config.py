@@ -59,6 +59,9 @@ class RedisConfig(msgspec.Struct, forbid_unknown_fields=True):
 
 class ChargingConfig(msgspec.Struct, forbid_unknown_fields=True):
     ratecard: str = str(DEMO_RATECARD)
+    # how often OCS processes re-read the active rate card (<data_dir>/ratecards/); a new version must take
+    # effect at least this far ahead (`ocs ratecard load` checks it)
+    ratecard_reload_seconds: float = 60.0
     # override the rate card's default grant per unit type (0 = use the rate card's)
     default_quota_bytes: int = 0
     default_quota_seconds: int = 0
@@ -237,6 +240,8 @@ def _check(config: Config) -> None:
         raise ConfigError("charging.tcc_min_seconds must be 1..tcc_max_seconds and tcc_default_seconds at least 1")
     if c.supervision_interval_seconds <= 0:
         raise ConfigError("charging.supervision_interval_seconds must be positive")
+    if c.ratecard_reload_seconds <= 0:
+        raise ConfigError("charging.ratecard_reload_seconds must be positive")
     o = config.overload
     if not 1 <= o.new_sessions_max_in_flight <= o.max_in_flight:
         raise ConfigError("overload.new_sessions_max_in_flight must be 1..overload.max_in_flight")

@@ -2,10 +2,14 @@
 
 Theory of operation: TOML text → `tomllib` (syntax errors keep their line) → msgspec, plan by plan (type
 errors name the plan and key) → semantic checks (units, rounding, quotas, allowances, the 2^53 bound, quota
-control: grants per unit type, Validity-Time, thresholds, holding time, triggers, Final-Unit-Indication) →
-`compile_plan`, which prices one increment as an exact reduced fraction of micro-units. Every check runs
-when a card is parsed, so a card that loads can always be compiled. A semantic error names its key and,
-when the key can be found in the text, its line. Reading a file in `load_ratecard` is the only I/O.
+control: grants per unit type, Validity-Time, thresholds, holding time, triggers, Final-Unit-Indication;
+the rating keys: time zone, holidays, bands, zones, destinations; the extended pricing and every tariff) →
+`compile_plan`, which prices one increment as an exact reduced fraction of micro-units, and
+`compile_tariffs`, which also compiles each tariff of a rate into its own schedule (ratecards.rater turns
+those into the per-request lookup). Every check runs when a card is parsed, so a card that loads can always
+be compiled. A semantic error names its key and, when the key can be found in the text, its line (nested
+arrays of tables such as [[plans.x.rates.tariffs]] included). Reading a file in `load_ratecard` is the only
+I/O (zoneinfo reads the system's time-zone data).
 """
 
 from __future__ import annotations
@@ -18,9 +22,12 @@ from fractions import Fraction
 from os import PathLike
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
 
+from ratecards.calendar import DAY_NAMES, parse_clock
+from ratecards.keys import SERVICE_KINDS
 from ratecards.model import (
     FINAL_UNIT_ACTIONS,
     REDIRECT_ADDRESS_TYPES,
@@ -31,11 +38,15 @@ from ratecards.model import (
     Rate,
     RateCard,
     RateCardError,
+    Tariff,
 )
 from ratecards.schedule import (
+    PERIODS,
     PRICED_UNIT_TYPE,
     REDIRECT,
     RESTRICT_ACCESS,
+    ROUNDING_STEPS,
+    SCOPES,
     TERMINATE,
     UNIT_TYPES,
     RatingSchedule,
@@ -44,8 +55,10 @@ from ratecards.schedule import (
 __all__ = [
     "EXACT_LIMIT",
     "MICRO",
+    "TARIFF_PRICE_KEYS",
     "compile_plan",
     "compile_ratecard",
+    "compile_tariffs",
     "initial_allowances",
     "load_ratecard",
     "parse_ratecard",
@@ -55,6 +68,7 @@ __all__ = [
 MICRO = 10**6  # micro-units per currency unit
 EXACT_LIMIT = 2**53  # the charge script computes in Lua doubles: every product must stay below this
 MONEY_BUCKET = "money"
+MONEY_LIMIT = 10**15  # micro-units (10^9 currency units): fees, minimum charges and caps stay far below 2^53
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")  # plan and bucket ids end up in Redis keys, fields and index values
 _MAX_UNSIGNED32 = 2**32 - 1  # CC-Time is Unsigned32
 
@@ -152,10 +166,82 @@ def _check_card(card: RateCard) -> None:
         raise _Invalid(("currency_minor_digits",), f"must be 0..6, got {card.currency_minor_digits}")
     if card.rounding not in ROUNDING_MODES:
         raise _Invalid(("rounding",), f"must be one of {', '.join(ROUNDING_MODES)}, got {card.rounding!r}")
+    if card.rounding_step not in ROUNDING_STEPS:
+        raise _Invalid(("rounding_step",),
+                       f"must be one of {', '.join(ROUNDING_STEPS)}, got {card.rounding_step!r}")
+    _check_rating_keys(card)
     if not card.plans:
         raise _Invalid(("plans",), "a rate card needs at least one plan")
     for name in card.plans:
-        _compile_checked(card, name)
+        _compile_checked(card, name, tariffs=True)
+
+
+def card_timezone(card: RateCard) -> ZoneInfo:
+    """The card's time zone (checked at parse time, so this only fails for a card built in code)."""
+    try:
+        return ZoneInfo(card.timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise RateCardError(f"unknown time zone {card.timezone!r}", source=_card_source(card),
+                            field="timezone") from None
+
+
+def _check_rating_keys(card: RateCard) -> None:
+    """Time zone, effective-from, holidays, bands, zones, destinations, numbering, service contexts."""
+    try:
+        ZoneInfo(card.timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise _Invalid(("timezone",), f"{card.timezone!r} is not an IANA time zone such as \"Europe/Berlin\"") \
+            from None
+    if card.effective_from is not None and card.effective_from.year < 1970:
+        raise _Invalid(("effective_from",), "must not lie before 1970")
+    names: set[str] = set()
+    for index, band in enumerate(card.bands):
+        at: Path_ = ("bands", index)
+        if not _NAME.match(band.name):
+            raise _Invalid((*at, "name"), "band names may use only letters, digits, '_', '-' and '.'")
+        if band.name in names:
+            raise _Invalid((*at, "name"), f"band {band.name!r} is defined twice")
+        names.add(band.name)
+        if not band.days:
+            raise _Invalid((*at, "days"), "name at least one day")
+        for position, day in enumerate(band.days):
+            if day.lower() not in DAY_NAMES:
+                raise _Invalid((*at, "days", position), f"{day!r} is not a day: one of {', '.join(DAY_NAMES)}")
+        clock = {}
+        for key, value in (("from", band.start), ("to", band.end)):
+            try:
+                clock[key] = parse_clock(value)
+            except ValueError as exc:
+                raise _Invalid((*at, key), str(exc)) from None
+        if clock["from"] == 86_400:
+            raise _Invalid((*at, "from"), 'must be before 24:00 (write "00:00")')
+        if clock["from"] == clock["to"]:
+            raise _Invalid((*at, "to"), 'from and to are the same time: for the whole day write '
+                           'from = "00:00", to = "24:00"')
+    _check_prefixes(card.zones, "zones", 6, "serving-network (MCC or MCC-MNC)")
+    _check_prefixes(card.destinations, "destinations", 15, "number")
+    for key, value in (("country_code", card.country_code), ("national_prefix", card.national_prefix),
+                       ("international_prefix", card.international_prefix)):
+        if value and not (value.isdigit() and value.isascii() and len(value) <= 4):
+            raise _Invalid((key,), f"must be up to 4 digits, got {value!r}")
+    for context, kind in card.service_contexts.items():
+        if kind not in SERVICE_KINDS:
+            raise _Invalid(("service_contexts", context), f"must be one of {', '.join(SERVICE_KINDS)}, got {kind!r}")
+
+
+def _check_prefixes(table: dict[str, list[str]], key: str, longest: int, what: str) -> None:
+    owner: dict[str, str] = {}
+    for name, prefixes in table.items():
+        if not _NAME.match(name):
+            raise _Invalid((key, name), "names may use only letters, digits, '_', '-' and '.'")
+        for index, prefix in enumerate(prefixes):
+            if prefix and not (prefix.isdigit() and prefix.isascii() and len(prefix) <= longest):
+                raise _Invalid((key, name, index), f"{prefix!r} is not a {what} prefix (up to {longest} digits, "
+                               "\"\" for any)")
+            other = owner.setdefault(prefix, name)
+            if other != name:
+                raise _Invalid((key, name, index), f"prefix {prefix!r} is also in {other!r}: a prefix belongs to "
+                               "one entry")
 
 
 def _check_plan(name: str, plan: Plan) -> dict[int, tuple[int, Rate]]:
@@ -226,6 +312,14 @@ _QUOTA_KEYS = {
     "final_unit_action": "TERMINATE", "redirect_address": None, "filter_id": None,
     "restriction_filter_rule": None,
 }
+# extended pricing keys of a rate, with their defaults (meaningless outside credit control)
+_PRICING_DEFAULTS = {
+    "first_increment": None, "setup_fee": None, "minimum_charge": None, "free_units": 0, "tiers": [],
+    "cap": None, "scope": "report", "tariffs": [],
+}
+# keys a tariff may override (everything that decides the price, and barred)
+TARIFF_PRICE_KEYS = ("price", "per", "increment", "first_increment", "setup_fee", "minimum_charge", "free_units",
+                     "tiers", "cap", "barred")
 _UNSIGNED32_KEYS = ("validity_time", "final_validity_time", "time_quota_threshold", "volume_quota_threshold",
                     "unit_quota_threshold", "quota_holding_time")
 # threshold key → the unit types it watches, and what to call them in an error
@@ -253,6 +347,9 @@ def _free_schedule(card: RateCard, rate: Rate, at: Path_) -> RatingSchedule:
     for key, default in _QUOTA_KEYS.items():
         if getattr(rate, key) != default:
             raise _Invalid((*at, key), "has no effect with credit_control = false (no quota is granted)")
+    for key, default in _PRICING_DEFAULTS.items():
+        if getattr(rate, key) != default:
+            raise _Invalid((*at, key), "has no effect with credit_control = false (nothing is charged)")
     return RatingSchedule(
         rating_group=rate.rating_group, unit=rate.unit, increment=1, price_num=0, price_den=1, default_quota=0,
         max_quota=0, minor=10 ** (6 - card.currency_minor_digits), rounding=card.rounding,
@@ -388,7 +485,9 @@ def _compile_rate(card: RateCard, rate: Rate, at: Path_, allowances: tuple[str, 
         if getattr(rate, key) is None:
             raise _Invalid((*at, key), "missing required key")
     assert rate.increment is not None and rate.default_quota is not None and rate.max_quota is not None
-    price = _price_per_increment(rate, at)
+    minor = 10 ** (6 - card.currency_minor_digits)
+    extended = _extended_pricing(card, rate, at, _price_per_increment(rate, at), minor)
+    price = extended.pop("price")
     if rate.default_quota > rate.max_quota:
         raise _Invalid((*at, "default_quota"),
                        f"default_quota {rate.default_quota} exceeds max_quota {rate.max_quota}")
@@ -398,7 +497,6 @@ def _compile_rate(card: RateCard, rate: Rate, at: Path_, allowances: tuple[str, 
                            f"of {rate.increment}: a grant would be billed for units it does not give")
     if rate.unit == "seconds" and rate.max_quota > _MAX_UNSIGNED32:
         raise _Invalid((*at, "max_quota"), "CC-Time is an Unsigned32: at most 4294967295 seconds")
-    minor = 10 ** (6 - card.currency_minor_digits)
     # The largest products the charge script forms (see ratecards/pricing.py):
     #   pricing a full grant:       n_max × price_num + price_den - 1   (ceil of n × num / den)
     #   affordability:              money × price_den, where money is first clamped below the cost
@@ -428,18 +526,187 @@ def _compile_rate(card: RateCard, rate: Rate, at: Path_, allowances: tuple[str, 
         version=card.version,
         also_grant=also,
         barred=rate.barred,
+        **extended,
         **_quota_control(rate, at, also),
     )
 
 
-def _compile_checked(card: RateCard, name: str) -> dict[int, RatingSchedule]:
+def _money(card: RateCard, value: str | None, at: Path_) -> int:
+    """A Decimal amount string → micro-units, a whole number of the currency's minor units."""
+    if value is None:
+        return 0
+    try:
+        amount = Decimal(value.strip())
+    except InvalidOperation:
+        raise _Invalid(at, f"{value!r} is not a decimal number") from None
+    if not amount.is_finite() or amount < 0:
+        raise _Invalid(at, f"must be a finite, non-negative amount, got {value!r}")
+    micro = amount * MICRO
+    minor = 10 ** (6 - card.currency_minor_digits)
+    if micro != micro.to_integral_value() or int(micro) % minor:
+        raise _Invalid(at, f"{value} has more decimals than {card.currency} has ({card.currency_minor_digits})")
+    if micro >= MONEY_LIMIT:
+        raise _Invalid(at, f"{value} is too large (at most {MONEY_LIMIT // MICRO - 1})")
+    return int(micro)
+
+
+def _round_price(price: Fraction, minor: int, mode: str) -> Fraction:
+    """A price per increment rounded to whole minor units (rounding_step = "increment")."""
+    whole, rest = divmod(price, minor)
+    if rest:
+        if mode == "up":
+            whole += 1
+        elif mode == "half-up":
+            whole += 2 * rest >= minor
+        elif mode == "half-even":
+            whole += 2 * rest > minor or (2 * rest == minor and whole % 2 == 1)
+    return Fraction(int(whole) * minor)
+
+
+def _extended_pricing(card: RateCard, rate: Rate, at: Path_, price: Fraction, minor: int) -> dict[str, Any]:
+    """First increment, setup fee, minimum charge, free units, tiers, cap and scope of a priced rate, and the
+    base price after the card's rounding step. Checks the 2^53 bound the extended Lua path relies on."""
+    assert rate.increment is not None and rate.per is not None
+    increment = rate.increment
+    fields: dict[str, Any] = {}
+    if rate.scope not in SCOPES:
+        raise _Invalid((*at, "scope"), f"must be one of {', '.join(SCOPES)}, got {rate.scope!r}")
+    fields["scope"] = rate.scope
+    if rate.first_increment is not None:
+        if rate.first_increment <= 0 or rate.first_increment % increment:
+            raise _Invalid((*at, "first_increment"), f"must be a positive multiple of increment {increment} "
+                           f"(e.g. 30 with increment 6 for 30/6), got {rate.first_increment}")
+    fields["first_increment"] = rate.first_increment if rate.first_increment and rate.first_increment > increment \
+        else 0
+    if not 0 <= rate.free_units < EXACT_LIMIT:
+        raise _Invalid((*at, "free_units"), f"must be 0 ≤ free_units < 2^53, got {rate.free_units}")
+    fields["free_units"] = rate.free_units
+    fields["setup_fee"] = _money(card, rate.setup_fee, (*at, "setup_fee"))
+    fields["minimum_charge"] = _money(card, rate.minimum_charge, (*at, "minimum_charge"))
+    cap = _money(card, rate.cap, (*at, "cap"))
+    if rate.cap is not None and cap == 0:
+        raise _Invalid((*at, "cap"), "must be positive (leave it out for no cap)")
+    if rate.cap_period not in PERIODS:
+        raise _Invalid((*at, "cap_period"), f"must be one of {', '.join(PERIODS)}, got {rate.cap_period!r}")
+    fields.update(cap=cap, cap_period=rate.cap_period if cap else "")
+    step = card.rounding_step == "increment"
+    prices = [(price, (*at, "price"))]
+    tiers = []
+    previous = 0
+    for index, tier in enumerate(rate.tiers):
+        where = (*at, "tiers", index)
+        if tier.start <= previous or tier.start % increment:
+            raise _Invalid((*where, "from"), f"must be a multiple of increment {increment} above "
+                           f"{previous if previous else 0} (tiers start after the base price, in order), "
+                           f"got {tier.start}")
+        previous = tier.start
+        tier_price = _price_per_increment(msgspec.structs.replace(rate, price=tier.price), where)
+        prices.append((tier_price, (*where, "price")))
+    rounded = []
+    for value, where in prices:
+        if step:
+            exact, value = value, _round_price(value, minor, card.rounding)
+            if exact and not value:
+                raise _Invalid(where, f"costs {exact} micro-units per increment of {increment}: rounded "
+                               f"{card.rounding} to a whole minor unit (rounding_step = \"increment\") that is 0")
+        rounded.append(value)
+    for tier, value in zip(rate.tiers, rounded[1:], strict=True):
+        tiers.append((tier.start // increment, value.numerator, value.denominator))
+    fields["tiers"] = tuple(tiers)
+    fields["price"] = rounded[0]
+    extended = rate.scope != "report" or any(
+        fields[k] for k in ("first_increment", "setup_fee", "minimum_charge", "free_units", "tiers", "cap"))
+    if extended:  # the extended Lua path computes r × num with r < den (ratecards/pricing.py, item 2)
+        for value, (_, where) in zip(rounded, prices, strict=True):
+            if value.numerator * value.denominator >= EXACT_LIMIT:
+                raise _Invalid(where, f"price_num × price_den = {value.numerator} × {value.denominator} reaches "
+                               "2^53: simplify the price, per or increment")
+    return fields
+
+
+def _tariff_name(tariff: Tariff) -> str:
+    if tariff.name:
+        return tariff.name
+    parts = []
+    for key in ("band", "zone", "destination", "context", "service_identifier"):
+        value = getattr(tariff, key)
+        if value is not None:
+            values = value if isinstance(value, list) else [value]
+            parts.append(f"{key}={'|'.join(str(v) for v in values)}")
+    return ",".join(parts)
+
+
+def _check_conditions(card: RateCard, tariff: Tariff, at: Path_) -> None:
+    known = {
+        "band": ({b.name for b in card.bands}, "[[bands]]"),
+        "zone": (set(card.zones), "[zones]"),
+        "destination": (set(card.destinations), "[destinations]"),
+        "context": (set(SERVICE_KINDS), None),
+    }
+    named = False
+    for key, (names, table) in known.items():
+        value = getattr(tariff, key)
+        if value is None:
+            continue
+        named = True
+        values = value if isinstance(value, list) else [value]
+        if not values:
+            raise _Invalid((*at, key), "name at least one value (or leave the key out)")
+        for position, item in enumerate(values):
+            if item not in names:
+                where = (*at, key, position) if isinstance(value, list) else (*at, key)
+                hint = f"not defined in {table}" if table else f"one of {', '.join(SERVICE_KINDS)}"
+                raise _Invalid(where, f"{item!r} is {hint}")
+    if tariff.service_identifier is not None:
+        named = True
+        values = tariff.service_identifier if isinstance(tariff.service_identifier, list) else [
+            tariff.service_identifier]
+        if not values or not all(0 <= v <= _MAX_UNSIGNED32 for v in values):
+            raise _Invalid((*at, "service_identifier"), "must be Unsigned32 values")
+    if not named:
+        raise _Invalid(at, "a tariff needs a condition: band, zone, destination, context or service_identifier")
+
+
+def _compile_tariff(card: RateCard, rate: Rate, tariff: Tariff, rate_at: Path_, index: int,
+                    allowances: tuple[str, ...]) -> RatingSchedule:
+    at: Path_ = (*rate_at, "tariffs", index)
+    if not rate.credit_control:
+        raise _Invalid(at, "a rating group outside credit control (credit_control = false) has no tariffs")
+    if tariff.name and not tariff.name.strip():
+        raise _Invalid((*at, "name"), "must not be blank")
+    _check_conditions(card, tariff, at)
+    overrides = {key: getattr(tariff, key) for key in TARIFF_PRICE_KEYS if getattr(tariff, key) is not None}
+    merged = msgspec.structs.replace(rate, **overrides)
+    try:
+        schedule = _compile_rate(card, merged, rate_at, allowances)
+    except _Invalid as exc:
+        key = exc.path[len(rate_at)] if len(exc.path) > len(rate_at) else None
+        if key in overrides:
+            raise _Invalid((*at, *exc.path[len(rate_at):]), exc.message) from None
+        if key in ("default_quota", "max_quota") and "increment" in overrides:
+            raise _Invalid((*at, "increment"), f"the rate's {exc.message}") from None
+        raise
+    return msgspec.structs.replace(schedule, tariff=_tariff_name(tariff))
+
+
+def _compile_checked(card: RateCard, name: str, *, tariffs: bool = False
+                     ) -> dict[int, RatingSchedule]:
+    return {group: base for group, (base, _) in _compile_all(card, name, tariffs=tariffs).items()}
+
+
+def _compile_all(card: RateCard, name: str, *, tariffs: bool = True
+                 ) -> dict[int, tuple[RatingSchedule, list[tuple[Tariff, RatingSchedule]]]]:
     plan = card.plans[name]
     by_group = _check_plan(name, plan)
-    schedules: dict[int, RatingSchedule] = {}
+    compiled: dict[int, tuple[RatingSchedule, list[tuple[Tariff, RatingSchedule]]]] = {}
     for group, (index, rate) in by_group.items():
         allowances = tuple(a.bucket for a in plan.allowances if group in a.rating_groups)
-        schedules[group] = _compile_rate(card, rate, ("plans", name, "rates", index), allowances)
-    return schedules
+        at: Path_ = ("plans", name, "rates", index)
+        base = _compile_rate(card, rate, at, allowances)
+        variants = [(tariff, _compile_tariff(card, rate, tariff, at, position, allowances))
+                    for position, tariff in enumerate(rate.tariffs)] if tariffs else []
+        compiled[group] = (base, variants)
+    return compiled
 
 
 # --- compilation ------------------------------------------------------------------------------------
@@ -459,6 +726,19 @@ def compile_plan(card: RateCard, plan: str) -> dict[int, RatingSchedule]:
 def compile_ratecard(card: RateCard) -> dict[str, dict[int, RatingSchedule]]:
     """Every plan's schedules: plan → rating group → schedule."""
     return {name: compile_plan(card, name) for name in card.plans}
+
+
+def compile_tariffs(card: RateCard, plan: str
+                    ) -> dict[int, tuple[RatingSchedule, list[tuple[Tariff, RatingSchedule]]]]:
+    """One plan's rates by rating group: the rate's own schedule and each tariff with its schedule, in the
+    card's order (ratecards.rater builds the per-request lookup from this)."""
+    if plan not in card.plans:
+        raise RateCardError(f"no plan {plan!r} (plans: {', '.join(sorted(card.plans))})",
+                            source=_card_source(card), field="plans")
+    try:
+        return _compile_all(card, plan)
+    except _Invalid as exc:
+        raise RateCardError(exc.message, source=_card_source(card), field=_render(exc.path)) from None
 
 
 def initial_allowances(card: RateCard, plan: str) -> dict[str, int]:
@@ -496,17 +776,27 @@ def _split_key(dotted: str) -> tuple[str, ...]:
 def _locate(text: str, path: Path_) -> int | None:
     """Best-effort line of `path` in the TOML text: the key's own line, else its table's header line."""
     headers: list[tuple[int, Path_]] = [(0, ())]  # (line, table path); line 0 = the top-level table
-    counts: dict[tuple[str, ...], int] = {}
+    arrays: dict[Path_, int] = {}  # array-of-tables path (with its parents' indices) → its last index
     lines = text.splitlines()
+
+    def concrete(key: tuple[str, ...]) -> Path_:
+        """The header's path with the current index after every enclosing array of tables."""
+        out: list[str | int] = []
+        for part in key[:-1]:
+            out.append(part)
+            if tuple(out) in arrays:
+                out.append(arrays[tuple(out)])
+        return (*out, *key[-1:])
+
     for number, line in enumerate(lines, 1):
         array = re.match(r"^\s*\[\[\s*([^\]]+?)\s*\]\]", line)
         table = None if array else re.match(r"^\s*\[\s*([^\]]+?)\s*\]", line)
         if array:
-            key = _split_key(array.group(1))
-            counts[key] = counts.get(key, -1) + 1
-            headers.append((number, (*key, counts[key])))
+            path_of = concrete(_split_key(array.group(1)))
+            arrays[path_of] = arrays.get(path_of, -1) + 1
+            headers.append((number, (*path_of, arrays[path_of])))
         elif table:
-            headers.append((number, _split_key(table.group(1))))
+            headers.append((number, concrete(_split_key(table.group(1)))))
     best = max((h for h in headers if path[: len(h[1])] == h[1]), key=lambda h: len(h[1]))
     start, table_path = best
     rest = path[len(table_path):]

@@ -7,6 +7,8 @@ the operator has to fix. Nothing here computes prices: compile.py turns a `Plan`
 
 from __future__ import annotations
 
+from datetime import date, datetime
+
 import msgspec
 
 from ratecards.schedule import (
@@ -25,11 +27,14 @@ __all__ = [
     "TRIGGER_TYPES",
     "UNIT_KINDS",
     "Allowance",
+    "Band",
     "GrantLimit",
     "Plan",
     "Rate",
     "RateCard",
     "RateCardError",
+    "Tariff",
+    "Tier",
 ]
 
 # Final-Unit-Action (RFC 4006 §8.35) by name, as written in a rate card
@@ -86,6 +91,38 @@ class GrantLimit(msgspec.Struct, forbid_unknown_fields=True):
     max: int
 
 
+class Tier(msgspec.Struct, forbid_unknown_fields=True):
+    """A graduated price step: from `from` units of the scope on, usage costs `price` per `per` units."""
+
+    start: int = msgspec.field(name="from")
+    price: str
+
+
+class Tariff(msgspec.Struct, forbid_unknown_fields=True):
+    """Another price for the rate, used when every condition it names holds (the first such tariff in the
+    rate's list wins; none → the rate's own price). A condition is one value or a list of alternatives.
+    Pricing keys left out are the rate's; quota control (grants, Validity-Time, FUI ...) stays the rate's."""
+
+    name: str = ""  # shown in enquiries and CDRs (schedule.tariff); default: the conditions
+    # ---- conditions ----
+    band: str | list[str] | None = None  # time band names (the card's [[bands]])
+    zone: str | list[str] | None = None  # roaming zones (the card's [zones], from the serving MCC-MNC)
+    destination: str | list[str] | None = None  # destination groups (the card's [destinations])
+    context: str | list[str] | None = None  # Service-Context-Id kind: data | voice | sms | content
+    service_identifier: int | list[int] | None = None  # Service-Identifier of the MSCC
+    # ---- pricing overrides ----
+    price: str | None = None
+    per: int | None = None
+    increment: int | None = None
+    first_increment: int | None = None
+    setup_fee: str | None = None
+    minimum_charge: str | None = None
+    free_units: int | None = None
+    tiers: list[Tier] | None = None
+    cap: str | None = None
+    barred: bool | None = None
+
+
 class Rate(msgspec.Struct, forbid_unknown_fields=True):
     """The tariff of one rating group: `price` currency units per `per` units, billed in `increment`s, and
     how its quota is controlled (grants, Validity-Time, thresholds, holding time, triggers, final units).
@@ -118,6 +155,27 @@ class Rate(msgspec.Struct, forbid_unknown_fields=True):
     restriction_filter_rule: str | list[str] | None = None  # RESTRICT_ACCESS
     credit_control: bool = True  # false: free, answered 4011 without quota, usage recorded at amount 0
     barred: bool = False  # true: answered 4010, no grant; reported usage is still charged
+    # ---- extended pricing (all optional) ----
+    first_increment: int | None = None  # units of the first increment: 30/6 voice is first_increment = 30,
+    #                                     increment = 6; a multiple of increment
+    setup_fee: str | None = None  # Decimal string, charged once per scope when usage becomes billable
+    minimum_charge: str | None = None  # Decimal string: billable usage of a scope costs at least this
+    free_units: int = 0  # the first units of each scope are free (no setup fee either)
+    tiers: list[Tier] = []  # graduated steps after the base price, counted in the scope
+    cap: str | None = None  # Decimal string: at most this much per cap_period (per subscriber × rating group)
+    cap_period: str = "day"  # day | week | month (the card's time zone)
+    scope: str = "report"  # report | session | day | week | month: what increments, setup fee, minimum
+    #                        charge, tiers and free units count over
+    tariffs: list[Tariff] = []  # other prices by time band, roaming zone, destination, service
+
+
+class Band(msgspec.Struct, forbid_unknown_fields=True):
+    """A named time band: on `days`, from `from` to `to` local time (HH:MM) in the card's time zone."""
+
+    name: str
+    days: list[str]  # mon tue wed thu fri sat sun, weekdays, weekend, holidays, all
+    start: str = msgspec.field(name="from")
+    end: str = msgspec.field(name="to")
 
 
 class Plan(msgspec.Struct, forbid_unknown_fields=True):
@@ -129,8 +187,26 @@ class Plan(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class RateCard(msgspec.Struct, forbid_unknown_fields=True):
+    """One version of a rate card. A card without effective_from, bands, zones or destinations is the
+    spine's card: one version in force forever, one band."""
+
     version: str  # written into every CDR as ratingVersion
     currency: str  # ISO 4217 code
     currency_minor_digits: int  # 2 → one minor unit is 10_000 micro-units
     rounding: str  # one of ROUNDING_MODES, the card's single rounding policy
     plans: dict[str, Plan]
+    # when this version takes effect (a local date-time is in `timezone`); None: in force since forever
+    effective_from: datetime | None = None
+    timezone: str = "UTC"  # IANA name: time bands, holidays and cap/scope periods use it
+    rounding_step: str = "usage"  # usage | increment: where `rounding` applies (ratecards.schedule)
+    holidays: list[date] = []
+    bands: list[Band] = []
+    # roaming zones: zone → serving-network prefixes (MCC "208" or MCC-MNC "20801"; "" matches any)
+    zones: dict[str, list[str]] = {}
+    # destination groups: group → number prefixes in international format without "+" ("" matches any)
+    destinations: dict[str, list[str]] = {}
+    country_code: str = ""  # replaces national_prefix in national numbers ("0170..." → "49170...")
+    national_prefix: str = "0"
+    international_prefix: str = "00"
+    # Service-Context-Id (full, or "<label>@<domain>") → data | voice | sms | content, beyond the 3GPP ones
+    service_contexts: dict[str, str] = {}

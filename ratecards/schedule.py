@@ -12,6 +12,14 @@ import msgspec
 
 UNIT_KINDS = ("bytes", "seconds", "events")
 ROUNDING_MODES = ("up", "half-up", "half-even", "down")
+# where the rounding to the minor unit happens: once on the amount of a usage (per report or cumulated, see
+# SCOPES), or on the price of every increment (at compile time: each increment then costs whole minor units)
+ROUNDING_STEPS = ("usage", "increment")
+# what increments, first increment, setup fee, minimum charge, tiers and free units count over: each usage
+# report on its own (the spine's behaviour), the session × rating group, or a calendar period in the card's
+# time zone (per subscriber × rating group)
+SCOPES = ("report", "session", "day", "week", "month")
+PERIODS = ("day", "week", "month")
 # Diameter unit types as named in balances.model.Units (CC-Time, CC-Total/Input/Output-Octets,
 # CC-Service-Specific-Units), and the one each rating unit is charged in
 UNIT_TYPES = ("time", "total", "input", "output", "units")
@@ -61,3 +69,16 @@ class RatingSchedule(msgspec.Struct, frozen=True, omit_defaults=True):
     restriction_filter_rules: tuple[str, ...] = ()  # RESTRICT_ACCESS: Restriction-Filter-Rule (IPFilterRule)
     credit_control: bool = True  # False: free, answered 4011 without quota; usage recorded with amount 0
     barred: bool = False  # True: answered 4010 (no grant); reported usage is still charged
+    # ---- extended pricing (issue 4; all default to "off", so a spine schedule encodes as before). The charge
+    # script must apply these as ratecards/pricing.py does (its header lists exactly what to mirror) ----
+    first_increment: int = 0  # units of the first increment (30 in 30/6), a multiple of increment; 0 = increment
+    setup_fee: int = 0  # micro-units charged once when the scope's usage first becomes billable
+    minimum_charge: int = 0  # micro-units: billable usage never costs less (setup fee not included)
+    free_units: int = 0  # units of each scope that cost nothing (no setup fee either)
+    # graduated price steps after the base price: (from increment n, price_num, price_den), increasing n;
+    # increments n.. of the scope cost price_num / price_den micro-units each
+    tiers: tuple[tuple[int, int, int], ...] = ()
+    scope: str = "report"  # one of SCOPES: over what the items above count
+    cap: int = 0  # micro-units: most charged per cap_period per subscriber × rating group (0 = no cap)
+    cap_period: str = ""  # one of PERIODS when cap > 0
+    tariff: str = ""  # which tariff of the rate this is ("" = the rate's own price), for CDRs and enquiries
