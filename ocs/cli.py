@@ -202,8 +202,12 @@ def serve(
             server.start = start_with_demo  # type: ignore[method-assign]
         await server.serve_forever()
 
+    from ratecards import RateCardError
+
     try:
         run_async(main)
+    except (ConfigError, RateCardError) as exc:
+        fail(str(exc))
     except OSError as exc:
         fail(f"cannot start: {exc}")
 

@@ -27,7 +27,7 @@ from balances.model import EVENT, INITIAL
 from balances.store import BalanceStore
 from ocs.charging import CreditControl
 from ocs.clock import Clock
-from ocs.config import Config
+from ocs.config import Config, ConfigError
 from ocs.metrics import REQUEST_TYPES, Metrics
 from ocs.routing import ABORT, REAUTH, Router, ServerRequestResult, reauth_subscriber
 from ocs.supervision import Supervisor, validity_times
@@ -48,12 +48,31 @@ def embedded_url_file(config: Config) -> Path:
     return Path(config.data_dir) / "valkey" / "url"
 
 
+def refuse_unsupported_pricing(card, plans: dict[str, dict[int, RatingSchedule]], source: str) -> None:
+    """Online charging applies one schedule per plan × rating group with the spine's pricing; a card using
+    tariffs (bands, zones, destinations) or extended pricing (setup fee, tiers, caps, ...) would be charged
+    less online than it says, so the server refuses it until the charge path applies them."""
+    from ratecards.pricing import is_extended
+
+    for plan_name, plan in card.plans.items():
+        for rate in plan.rates:
+            if rate.tariffs:
+                raise ConfigError(f"{source}: plans.{plan_name} rating group {rate.rating_group} uses tariffs, "
+                                  "which online charging does not apply yet; only `ocs rate` quotes them")
+        for rg, schedule in plans.get(plan_name, {}).items():
+            if is_extended(schedule):
+                raise ConfigError(f"{source}: plans.{plan_name} rating group {rg} uses extended pricing (setup fee, "
+                                  "tiers, caps, first increment, minimum, free units), which online charging does "
+                                  "not apply yet")
+
+
 def compiled_plans(config: Config) -> tuple[dict[str, dict[int, RatingSchedule]], dict[str, int]]:
     """Rate card → schedules per plan × rating group, with the configured default-quota overrides."""
     import msgspec
 
     card = load_ratecard(config.charging.ratecard)
     plans = compile_ratecard(card)
+    refuse_unsupported_pricing(card, plans, config.charging.ratecard)
     overrides = {
         "bytes": config.charging.default_quota_bytes,
         "seconds": config.charging.default_quota_seconds,
@@ -255,7 +274,11 @@ class ServerApp:
         stop_requested = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop_requested.set)
-        await self.start()
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()  # whatever did start (the embedded Valkey, the listener) stops again
+            raise
         try:
             await stop_requested.wait()
             log.info("stopping: DPR to peers, finishing requests in flight, flushing CDRs")
