@@ -12,7 +12,7 @@ from __future__ import annotations
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 
-from ratecards.schedule import ROUNDING_MODES
+from ratecards.pricing import round_ratio  # the project's one rounding rule
 
 MICRO = 1_000_000
 
@@ -62,28 +62,6 @@ def parse_rate(text: str, *, what: str = "rate") -> Fraction:
     if not value.is_finite() or not 0 <= value <= 10:
         raise MoneyError(f"{what} must be between 0 and 10, got {text!r}")
     return Fraction(value)
-
-
-def round_ratio(num: int, den: int, minor: int, mode: str) -> int:
-    """num/den micro-units rounded to a whole number of minor units (minor micro-units each).
-
-    Exact: the comparison with the half is done on integers. A negative value rounds like its absolute
-    value, so crediting a charge gives back exactly what the charge took."""
-    if den <= 0 or minor <= 0:
-        raise ValueError("round_ratio needs den > 0 and minor > 0")
-    if mode not in ROUNDING_MODES:
-        raise ValueError(f"unknown rounding mode {mode!r}")
-    sign = -1 if num < 0 else 1
-    whole, rest = divmod(abs(num), den * minor)
-    if rest:
-        step = den * minor
-        if mode == "up":
-            whole += 1
-        elif mode == "half-up":
-            whole += 2 * rest >= step
-        elif mode == "half-even":
-            whole += 2 * rest > step or (2 * rest == step and whole % 2 == 1)
-    return sign * whole * minor
 
 
 def tax_of(amount: int, rate: Fraction, minor: int, mode: str) -> int:

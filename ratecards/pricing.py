@@ -88,22 +88,35 @@ __all__ = [
 ]
 
 
+def round_ratio(num: int, den: int, minor: int, mode: str) -> int:
+    """num/den micro-units rounded to a whole number of minor units (minor micro-units each): the one rounding
+    rule of the project, used by online charging (round_to_minor), price enquiry and billing (taxes, proration).
+
+    Exact: the comparison with the half is done on integers. A negative value rounds like its absolute value,
+    so crediting a charge gives back exactly what the charge took."""
+    if den <= 0 or minor <= 0:
+        raise ValueError("round_ratio needs den > 0 and minor > 0")
+    if mode not in ROUNDING_MODES:
+        raise ValueError(f"unknown rounding mode {mode!r} (one of {', '.join(ROUNDING_MODES)})")
+    sign = -1 if num < 0 else 1
+    step = den * minor
+    whole, rest = divmod(abs(num), step)
+    if rest:
+        if mode == "up":
+            whole += 1
+        elif mode == "half-up":
+            whole += 2 * rest >= step
+        elif mode == "half-even":
+            whole += 2 * rest > step or (2 * rest == step and whole % 2 == 1)
+    return sign * whole * minor
+
+
 def round_to_minor(amount_micro: int, minor: int, mode: str) -> int:
-    """Round a non-negative micro-unit amount to a whole number of minor units (minor micro-units each)."""
+    """Round a non-negative micro-unit amount to a whole number of minor units (minor micro-units each).
+    balances/lua/common.lua mirrors exactly this."""
     if amount_micro < 0 or minor <= 0:
         raise ValueError(f"round_to_minor needs amount ≥ 0 and minor > 0, got {amount_micro}, {minor}")
-    whole, rest = divmod(amount_micro, minor)
-    if rest == 0:
-        return amount_micro
-    if mode == "up":
-        whole += 1
-    elif mode == "half-up":
-        whole += 2 * rest >= minor
-    elif mode == "half-even":
-        whole += 2 * rest > minor or (2 * rest == minor and whole % 2 == 1)
-    elif mode != "down":
-        raise ValueError(f"unknown rounding mode {mode!r} (one of {', '.join(ROUNDING_MODES)})")
-    return whole * minor
+    return round_ratio(amount_micro, 1, minor, mode)
 
 
 def is_extended(s: RatingSchedule) -> bool:
