@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import msgspec
 
 # request types, the same numbers as CC-Request-Type so callers need no mapping
@@ -38,6 +40,27 @@ class MsccCharge(msgspec.Struct, omit_defaults=True):
     requested: bool = False  # Requested-Service-Unit present (possibly empty)
     requested_units: Units | None = None  # None or all-None = default quota
     reporting_reason: int | None = None
+    # ---- Tariff-Time-Change (RFC 4006 §8.20, TS 32.299 Tariff-Change-Usage) ----
+    # `used` holds the USUs without Tariff-Change-Usage; the split ones go here (0 / 1 / 2)
+    used_before: Units | None = None  # UNIT_BEFORE_TARIFF_CHANGE
+    used_after: Units | None = None  # UNIT_AFTER_TARIFF_CHANGE
+    used_indeterminate: Units | None = None  # UNIT_INDETERMINATE: charged at the dearer tariff
+    # the next change of this rating group's price within the grant horizon (Rater.schedule_for's
+    # next_change_at, epoch ms) and the schedule in force from then on; a grant is then reserved at the dearer
+    tariff_change_ms: int | None = None
+    next_schedule: dict | None = None
+    # period keys (Rater.period_key) for the periods the schedule counts over (scope, cap_period, fair usage):
+    # "day" / "week" / "month" -> key, at now_ms; next_periods the same at tariff_change_ms
+    periods: dict[str, str] = {}
+    next_periods: dict[str, str] = {}
+
+
+def with_schedule_id(schedule: dict) -> dict:
+    """The schedule dict with "id": a content hash the charge script files it under (sched:{pNNN}), so a
+    reservation can name the schedule it was granted with and its usage is rated with that one later."""
+    body = {key: value for key, value in schedule.items() if key != "id"}
+    digest = hashlib.sha1(msgspec.json.encode(body, order="sorted")).hexdigest()[:16]
+    return {**body, "id": digest}
 
 
 class ChargeRequest(msgspec.Struct, omit_defaults=True):
@@ -71,6 +94,8 @@ class MsccOutcome(msgspec.Struct, omit_defaults=True):
     amount: int = 0  # micro-units debited for the reported usage in this request
     reserved: int = 0  # micro-units (or allowance units) now reserved for the new grant
     cost: int | None = None  # PRICE_ENQUIRY: price of the requested units, micro-units
+    tariff_change_ms: int | None = None  # the grant spans this tariff change: sent as Tariff-Time-Change
+    fair_usage: bool = False  # final_unit_action comes from the fair-usage policy (its Filter-Ids), not credit
 
 
 class ChargeOutcome(msgspec.Struct, omit_defaults=True):
