@@ -32,6 +32,7 @@ REDIRECT_ADDRESS_TYPES = {"IPV4_ADDRESS": 0, "IPV6_ADDRESS": 1, "URL": 2, "SIP_U
 ANSWER_ONLY_FIELDS = (
     "time_quota_threshold", "volume_quota_threshold", "unit_quota_threshold", "quota_holding_time", "triggers",
     "redirect_address", "redirect_address_type", "filter_ids", "restriction_filter_rules",
+    "fair_usage_filter_ids", "fair_usage_restriction_filter_rules",
 )
 
 
@@ -82,3 +83,16 @@ class RatingSchedule(msgspec.Struct, frozen=True, omit_defaults=True):
     cap: int = 0  # micro-units: most charged per cap_period per subscriber × rating group (0 = no cap)
     cap_period: str = ""  # one of PERIODS when cap > 0
     tariff: str = ""  # which tariff of the rate this is ("" = the rate's own price), for CDRs and enquiries
+    # ---- fair usage and bundles (issue 4 catalog, issue 3 MSCC 5030) ----
+    # after fair_usage_units units of this rating group in a fair_usage_period (day / week / month, the card's
+    # time zone; all units used, from allowances or money), grants stop there with Final-Unit-Indication
+    # RESTRICT_ACCESS carrying these Filter-Ids / Restriction-Filter-Rules (the gateway throttles or
+    # restricts); the next period grants again. 0 = no fair-usage policy
+    fair_usage_units: int = 0
+    fair_usage_period: str = ""
+    fair_usage_filter_ids: tuple[str, ...] = ()
+    fair_usage_restriction_filter_rules: tuple[str, ...] = ()
+    # the rating group is only served from an allowance bucket (a bundle or add-on): without a live bucket
+    # serving it, a request for units is answered 5030 USER_UNKNOWN in the MSCC (with the final unit action,
+    # e.g. REDIRECT to the shop), not charged from money
+    requires_bucket: bool = False
