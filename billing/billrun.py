@@ -18,7 +18,7 @@ aggregated from exactly the claimed records, so what was imported concurrently i
 or left for the next run; the run then checks that the claimed CDR amounts equal the usage lines (tie-out)
 and rolls back if not. Re-running a draft period rebuilds it from scratch (same inputs, same invoices); a
 finalized period is never touched again. Finalization numbers invoices gaplessly per legal entity inside
-one transaction; afterwards only credit notes change what is owed.
+one transaction; afterwards only credit notes change what is owed. Re-rating is billing.rerating.
 
 Imports billing and ratecards only.
 """
@@ -35,7 +35,7 @@ from billing.config import Catalog
 from billing.db import Database
 from billing.money import format_money, prorate, tax_of
 
-__all__ = ["credit_note", "cycle_bounds", "finalize", "parse_period", "rerate", "run_bill", "run_status"]
+__all__ = ["credit_note", "cycle_bounds", "finalize", "parse_period", "run_bill", "run_status"]
 
 Progress = Callable[[str, int, int], None]
 
@@ -157,6 +157,40 @@ def _quantity(catalog: Catalog, rating_group: int | None, seconds: int, octets: 
     return (seconds, "seconds") if seconds else (events, "events")
 
 
+def _usage_lines(catalog: Catalog, charged: int, msisdn: str, rg: int | None, count: int, amount: int,
+                 seconds: int, octets: int, events: int, day_from: str, day_to: str, bonus: int, shared_money: int,
+                 allowance: int, shared_allowance: int) -> list[_Line]:
+    """The lines of one MSISDN × rating group. Postpaid: the money from invoiced money buckets is charged (own
+    and the group's shared ones, attributed to the member: billing has no group accounts); money from bonus
+    buckets is shown as paid (charged = 0, not taxed). Prepaid: all money is shown as paid from the balance.
+    Units from allowance buckets are an informational line (kind "allowance", amount 0). The usage lines'
+    amounts add up to the records' CDR amounts (the tie-out)."""
+    quantity, unit = _quantity(catalog, rg, seconds, octets, events)
+    service = catalog.service_name(rg)
+    label = service.upper() if len(service) <= 3 else service.capitalize()
+    category = catalog.usage_category(rg)
+    common = {"kind": "usage", "category": category, "msisdn": msisdn, "rating_group": rg, "period_from": day_from,
+              "period_to": day_to}
+    if not charged:
+        lines = [_Line(description=f"{label} usage {msisdn} (prepaid, paid from balance)", amount=amount,
+                       charged=0, quantity=quantity, unit=unit, records=count, **common)]
+    else:
+        note = ""
+        if shared_money:
+            note = f" (incl. {format_money(shared_money, catalog.minor_digits)} from the group's shared balance)"
+        lines = [_Line(description=f"{label} usage {msisdn}{note}", amount=amount - bonus, charged=1,
+                       quantity=quantity, unit=unit, records=count, **common)]
+        if bonus:
+            lines.append(_Line(description=f"{label} usage {msisdn} paid from bonus balance", amount=bonus,
+                               charged=0, **common))
+    if allowance:
+        allowance_unit = catalog.unit_of(rg) or unit
+        shared = " (incl. the group's shared allowance)" if shared_allowance else ""
+        lines.append(_Line(description=f"{label} from allowances {msisdn}{shared}", amount=0, charged=0,
+                           quantity=allowance, unit=allowance_unit, **{**common, "kind": "allowance"}))
+    return lines
+
+
 _INVOICE_INSERT = (
     "INSERT INTO invoices (invoice_id, kind, status, run_id, account_id, legal_entity, jurisdiction, payment_type, "
     "period, cycle_start, cycle_end, fee_end, usage_to, currency, subtotal, tax_total, total, usage_amount, "
@@ -263,7 +297,8 @@ def _build(db: Database, catalog: Catalog, period: str, run_id: int, now_ms: int
         "SELECT u.invoice_id, u.msisdn, u.rating_group, COUNT(*), SUM(u.amount), "
         "SUM(COALESCE(u.usage_time, 0)), "
         "SUM(COALESCE(u.octets_total, COALESCE(u.octets_in, 0) + COALESCE(u.octets_out, 0))), "
-        "SUM(COALESCE(u.usage_units, 0)), MIN(u.record_date), MAX(u.record_date) "
+        "SUM(COALESCE(u.usage_units, 0)), MIN(u.record_date), MAX(u.record_date), SUM(u.money_bonus), "
+        "SUM(u.money_shared), SUM(u.allowance_units), SUM(u.allowance_shared) "
         "FROM usage_records u WHERE u.invoice_id IN (SELECT invoice_id FROM invoices WHERE run_id = ?) "
         "AND u.record_type <> 'close' GROUP BY u.invoice_id, u.msisdn, u.rating_group "
         "ORDER BY u.invoice_id, u.msisdn, u.rating_group", (run_id,))
@@ -284,17 +319,12 @@ def _build(db: Database, catalog: Catalog, period: str, run_id: int, now_ms: int
         lines, charges, juris, payment_type = pending[account_id]
         charged = 1 if payment_type == "postpaid" else 0
         usage_lines = []
-        for (msisdn, rg, count, amount, seconds, octets, events, day_from,
-             day_to) in usage_by_invoice.get(invoice_id, []):
-            quantity, unit = _quantity(catalog, rg, int(seconds), int(octets), int(events))
-            service = catalog.service_name(rg)
-            label = service.upper() if len(service) <= 3 else service.capitalize()
-            usage_lines.append(_Line(
-                kind="usage", description=f"{label} usage {msisdn}"
-                + ("" if charged else " (prepaid, paid from balance)"),
-                category=catalog.usage_category(rg), amount=int(amount), charged=charged, msisdn=msisdn,
-                rating_group=None if rg is None else int(rg), quantity=quantity, unit=unit, records=int(count),
-                period_from=day_from, period_to=day_to))
+        for (msisdn, rg, count, amount, seconds, octets, events, day_from, day_to, bonus, shared_money,
+             allowance, shared_allowance) in usage_by_invoice.get(invoice_id, []):
+            usage_lines.extend(_usage_lines(
+                catalog, charged, msisdn, None if rg is None else int(rg), int(count), int(amount), int(seconds),
+                int(octets), int(events), day_from, day_to, int(bonus), int(shared_money), int(allowance),
+                int(shared_allowance)))
         all_lines = usage_lines + lines
         if not all_lines:
             empty.append((invoice_id,))
@@ -463,69 +493,3 @@ def credit_note(db: Database, catalog: Catalog, invoice_number: str, *, reason: 
             for n, (line, credit, credit_tax) in enumerate(new_lines, 1)])
     return {"number": number, "invoice": invoice_number, "subtotal": subtotal, "tax_total": tax_total,
             "total": subtotal + tax_total, "lines": len(new_lines)}
-
-
-def rerate(db: Database, catalog: Catalog, corrected, period: str, *, today: str, now_ms: int) -> dict:
-    """Price the usage billed in `period` again with a corrected rate card and record the differences as
-    re-rating charges (idempotent per period × rate-card version × account × rating group), billed on the
-    next run. Never changes a CDR or an invoice. Prepaid accounts are reported, not adjusted: their usage
-    was paid from the prepaid balance, so a correction there is a top-up in the OCS."""
-    from ratecards import RateCardError, compile_plan
-    from ratecards.pricing import amount_for_units
-
-    parse_period(period)
-    run = db.one("SELECT run_id, status FROM bill_runs WHERE period = ?", (period,))
-    if run is None or run[1] != "finalized":
-        raise BillingError(f"bill run {period} is not finalized: re-run it instead of re-rating")
-    if corrected.version == catalog.rating_version:
-        raise BillingError(f"the corrected rate card has the same version {corrected.version}; give it a new one")
-    if corrected.currency != catalog.currency:
-        raise BillingError("the corrected rate card has another currency")
-    rows = db.query(
-        "SELECT u.account_id, a.payment_type, s.plan, u.rating_group, u.record_type, u.usage_time, u.octets_in, "
-        "u.octets_out, u.octets_total, u.usage_units, u.allowance_units, u.amount FROM usage_records u "
-        "JOIN invoices i ON i.invoice_id = u.invoice_id JOIN accounts a ON a.account_id = u.account_id "
-        "JOIN subscriptions s ON s.subscription_id = u.subscription_id "
-        "WHERE i.run_id = ? AND u.record_type IN ('usage', 'event', 'refund')", (int(run[0]),))
-    schedules: dict[str, dict] = {}
-    diffs: dict[tuple[str, int], int] = defaultdict(int)
-    prepaid: dict[tuple[str, int], int] = defaultdict(int)
-    for account_id, payment_type, plan, rg, rtype, seconds, o_in, o_out, o_total, units, allowance, old in rows:
-        if plan not in schedules:
-            try:
-                schedules[plan] = compile_plan(corrected, plan)
-            except RateCardError as exc:
-                raise BillingError(f"corrected rate card: {exc}") from None
-        schedule = schedules[plan].get(int(rg))
-        if schedule is None:
-            raise BillingError(f"corrected rate card has no rate for plan {plan}, rating group {rg}")
-        if schedule.unit == "seconds":
-            used = seconds or 0
-        elif schedule.unit == "events":
-            used = units or 0
-        else:
-            used = o_total if o_total is not None else (o_in or 0) + (o_out or 0)
-        new = amount_for_units(schedule, max(0, used - (allowance or 0)))
-        if rtype == "refund":
-            new = -new
-        target = diffs if payment_type == "postpaid" else prepaid
-        target[(account_id, int(rg))] += new - int(old)
-    created = []
-    with db.transaction(lock="billing"):
-        for (account_id, rg), diff in sorted(diffs.items()):
-            if diff == 0:
-                continue
-            ref = f"rerate:{period}:{corrected.version}:{account_id}:{rg}"
-            exists = db.scalar("SELECT charge_id FROM charges WHERE reference = ?", (ref,))
-            if exists is None:
-                description = (f"Re-rating {period} {catalog.service_name(rg)} "
-                               f"(rate card {catalog.rating_version} → {corrected.version})")
-                db.execute("INSERT INTO charges (charge_id, account_id, kind, description, category, amount, "
-                           "charge_date, reference, invoice_id, created_at) VALUES (?, ?, 'rerating', ?, ?, ?, ?, ?, "
-                           "NULL, ?)", (db.next_ids("charge"), account_id, description, catalog.usage_category(rg),
-                                        diff, today, ref, now_ms))
-            created.append({"account_id": account_id, "rating_group": rg, "amount": diff, "created": exists is None})
-    return {"period": period, "version": corrected.version, "adjustments": created,
-            "total": sum(c["amount"] for c in created),
-            "prepaid_not_adjusted": [{"account_id": a, "rating_group": g, "amount": d}
-                                     for (a, g), d in sorted(prepaid.items()) if d]}

@@ -17,6 +17,17 @@ account, no subscription on that date, wrong currency) with the reason, until `r
 Guiding is set-based SQL: the subscription whose MSISDN (else IMSI) and [start_date, end_date) cover the
 record's UTC date, on an account of the record's currency.
 
+Buckets: a record's "bucket" map says what it took from each bucket ref ('<id>' the subscriber's, '@<id>'
+its group's): money buckets in micro-units, allowance buckets in their own units. The CDR does not (yet) say
+which unit each ref has, so import resolves it: the record's "bucketUnits" map when the CDR carries one
+(proposed: {ref: unit}, written by the charge script beside "bucket"), else the catalog (billing.toml
+bucket_units, then the rate card's money and allowance buckets). A ref no source knows, or money refs that do
+not add up to the record's amount, make the line malformed (fix bucket_units, import with rescan). Per record
+this gives: money_invoiced (money from invoiced money buckets: the plan's money bucket, own or shared —
+what a postpaid account owes), money_bonus (money from any other money bucket: bonus, promotions — paid
+already, never invoiced), the shared ('@') parts of both, and allowance_units (informational; re-rating keeps
+them free). money_invoiced + money_bonus = amount, always.
+
 Imports msgspec and billing only.
 """
 
@@ -24,16 +35,18 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 import msgspec
 
+from billing.config import MONEY, Catalog
 from billing.db import Database
 
-__all__ = ["GuideReport", "ImportReport", "LineError", "guide", "import_cdrs", "rejects", "recycle",
-           "record_states"]
+__all__ = ["BucketSplit", "GuideReport", "ImportReport", "LineError", "guide", "import_cdrs", "rejects", "recycle",
+           "record_states", "split_buckets"]
 
 RECORD_TYPES = ("usage", "event", "refund", "close")
 _FILE = re.compile(r"^p\d+$")
@@ -46,6 +59,16 @@ class _Usage(msgspec.Struct):
     octetsOut: int | None = None  # noqa: N815
     octetsTotal: int | None = None  # noqa: N815
     units: int | None = None
+
+
+class _TariffPart(msgspec.Struct):
+    """One part of a usage report split at a Tariff-Time-Change (the record's tariffParts)."""
+
+    tariffChangeUsage: str  # noqa: N815 - used | before | after | indeterminate
+    usage: _Usage
+    amount: int
+    tariff: str | None = None
+    ratingVersion: str | None = None  # noqa: N815
 
 
 class _Cdr(msgspec.Struct):
@@ -65,11 +88,72 @@ class _Cdr(msgspec.Struct):
     recordOpeningTime: int | None = None  # noqa: N815
     usage: _Usage | None = None
     bucket: dict[str, int] | None = None
+    bucketUnits: dict[str, str] | None = None  # noqa: N815 - proposed: the unit of each ref of `bucket`
     ratingVersion: str | None = None  # noqa: N815
+    ccRequestNumber: int | None = None  # noqa: N815
+    servingNodePLMN: str | int | None = None  # noqa: N815
+    serviceContextId: str | None = None  # noqa: N815
+    calledPartyAddress: str | None = None  # noqa: N815 - not written by the charge script yet
+    tariff: str | None = None
+    tariffParts: list[_TariffPart] | None = None  # noqa: N815
 
 
 _decode = msgspec.json.Decoder(_Cdr).decode
-_MONEY_BUCKET = "money"
+_encode = msgspec.json.encode
+TARIFF_PARTS = ("used", "before", "after", "indeterminate")
+UnitOf = Callable[[str], str | None]
+
+
+def _legacy_unit(ref: str) -> str:
+    """Without a catalog (library use): 'money' / '@money' is money, any other ref allowance units."""
+    return MONEY if ref in ("money", "@money") else "allowance"
+
+
+@dataclass(frozen=True)
+class BucketSplit:
+    """What one record drew, by the real unit of each bucket (see the module docstring)."""
+
+    money_invoiced: int = 0
+    money_bonus: int = 0
+    money_shared: int = 0
+    allowance_units: int = 0
+    allowance_shared: int = 0
+    buckets: str | None = None  # JSON {ref: [amount, unit]}
+
+
+def split_buckets(rec: _Cdr, unit_of: UnitOf, invoiced: Callable[[str], bool]) -> BucketSplit:
+    """Classify the record's bucket refs by unit; ValueError with the reason when a unit is unknown or the
+    money refs do not add up to the record's amount."""
+    if not rec.bucket:
+        if rec.amount:
+            raise ValueError(f"amount {rec.amount} but no bucket map")
+        return BucketSplit()
+    carried = rec.bucketUnits or {}
+    money_invoiced = money_bonus = money_shared = allowance = allowance_shared = 0
+    resolved: dict[str, list] = {}
+    for ref, value in rec.bucket.items():
+        unit = carried.get(ref) or unit_of(ref)
+        if unit is None:
+            raise ValueError(f"bucket {ref!r} has no known unit: the CDR carries none and neither billing.toml "
+                             "bucket_units nor the rate card names it (add it, then import with --rescan)")
+        resolved[ref] = [value, unit]
+        shared = ref.startswith("@")
+        if unit == MONEY:
+            if invoiced(ref):
+                money_invoiced += value
+            else:
+                money_bonus += value
+            if shared:
+                money_shared += value
+        else:
+            allowance += value
+            if shared:
+                allowance_shared += value
+    if money_invoiced + money_bonus != rec.amount:
+        raise ValueError(f"money buckets add up to {money_invoiced + money_bonus}, the record's amount is "
+                         f"{rec.amount}: a bucket's unit is wrong (billing.toml bucket_units)")
+    return BucketSplit(money_invoiced, money_bonus, money_shared, allowance, allowance_shared,
+                       _encode(resolved).decode())
 
 
 @dataclass(frozen=True)
@@ -108,7 +192,8 @@ def _utc_date(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d")
 
 
-def _row(rec: _Cdr, source: str, line_no: int, now_ms: int) -> tuple:
+def _row(rec: _Cdr, source: str, line_no: int, now_ms: int, unit_of: UnitOf,
+         invoiced: Callable[[str], bool]) -> tuple:
     """A usage_records row in the INSERT's column order; raises ValueError with the reason."""
     if rec.recordType not in RECORD_TYPES:
         raise ValueError(f"unknown recordType {rec.recordType!r}")
@@ -131,14 +216,21 @@ def _row(rec: _Cdr, source: str, line_no: int, now_ms: int) -> tuple:
         value = getattr(u, name)
         if value is not None and value < 0:
             raise ValueError(f"negative usage.{name}")
-    allowance = sum(v for k, v in (rec.bucket or {}).items() if k != _MONEY_BUCKET)
+    for part in rec.tariffParts or ():
+        if part.tariffChangeUsage not in TARIFF_PARTS:
+            raise ValueError(f"unknown tariffChangeUsage {part.tariffChangeUsage!r}")
+    split = split_buckets(rec, unit_of, invoiced)
+    plmn = rec.servingNodePLMN
     return (
         rec.recordId, rec.recordType, rec.servedMSISDN,
         None if rec.servedIMSI is None else str(rec.servedIMSI), rec.sessionId,
         None if rec.chargingID is None else str(rec.chargingID), rec.ratingGroup, rec.serviceIdentifier,
         rec.recordOpeningTime, rec.recordTime, _utc_date(rec.recordTime), u.time, u.octetsIn, u.octetsOut,
-        u.octetsTotal, u.units, allowance, rec.amount, rec.currency, rec.ratingVersion, source, line_no,
-        now_ms,
+        u.octetsTotal, u.units, split.allowance_units, rec.amount, rec.currency, rec.ratingVersion, source, line_no,
+        now_ms, split.money_invoiced, split.money_bonus, split.money_shared, split.allowance_shared, split.buckets,
+        rec.ccRequestNumber, None if plmn is None else str(plmn), rec.serviceContextId or None,
+        rec.calledPartyAddress or None, rec.tariff or None,
+        _encode(rec.tariffParts).decode() if rec.tariffParts else None,
     )
 
 
@@ -147,13 +239,19 @@ _INSERT = (
     "INSERT INTO usage_records (record_id, record_type, msisdn, imsi, session_id, charging_id, rating_group, "
     "service_id, opening_time, record_time, record_date, usage_time, octets_in, octets_out, octets_total, "
     "usage_units, allowance_units, amount, currency, rating_version, source_file, source_line, imported_at, "
-    "state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'received') "
-    "ON CONFLICT (record_id) DO NOTHING"
+    "money_invoiced, money_bonus, money_shared, allowance_shared, buckets, request_number, serving_plmn, "
+    "service_context, destination, tariff, tariff_parts, state) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+    "'received') ON CONFLICT (record_id) DO NOTHING"
 )
 
 
-def parse_file(path: Path, name: str, now_ms: int) -> tuple[list[tuple], list[LineError], int]:
-    """Rows and errors of one CDR file, and its line count."""
+def parse_file(path: Path, name: str, now_ms: int, catalog: Catalog | None = None,
+               ) -> tuple[list[tuple], list[LineError], int]:
+    """Rows and errors of one CDR file, and its line count. Bucket units come from the catalog (see the module
+    docstring); without one, 'money' is money and any other ref allowance units."""
+    unit_of: UnitOf = catalog.bucket_unit if catalog is not None else _legacy_unit
+    invoiced = catalog.invoiced_money if catalog is not None else (lambda ref: True)
     rows: list[tuple] = []
     errors: list[LineError] = []
     data = path.read_bytes()
@@ -163,7 +261,7 @@ def parse_file(path: Path, name: str, now_ms: int) -> tuple[list[tuple], list[Li
     for number, raw in enumerate(lines, 1):
         try:
             rec = _decode(raw)
-            rows.append(_row(rec, name, number, now_ms))
+            rows.append(_row(rec, name, number, now_ms, unit_of, invoiced))
         except msgspec.ValidationError as exc:
             reason = str(exc)
             if b'"UNDECODABLE"' in raw:
@@ -192,8 +290,10 @@ def cdr_files(directory: Path) -> tuple[list[Path], int]:
 
 
 def import_cdrs(db: Database, directory: str | Path, *, now_ms: int, on_error: str = "skip",
-                rescan: bool = False, guide_records: bool = True, files: list[Path] | None = None) -> ImportReport:
-    """Import the sealed CDR files of `directory` (or the given `files`), then guide what is received."""
+                rescan: bool = False, guide_records: bool = True, files: list[Path] | None = None,
+                catalog: Catalog | None = None) -> ImportReport:
+    """Import the sealed CDR files of `directory` (or the given `files`), then guide what is received.
+    `catalog` resolves the unit of each bucket (the CLI always passes it)."""
     if on_error not in ("skip", "reject-file"):
         raise ValueError("on_error must be 'skip' or 'reject-file'")
     directory = Path(directory)
@@ -211,7 +311,7 @@ def import_cdrs(db: Database, directory: str | Path, *, now_ms: int, on_error: s
         if not rescan and known.get(name) == size:
             report.files_unchanged += 1
             continue
-        rows, errors, line_count = parse_file(path, name, now_ms)
+        rows, errors, line_count = parse_file(path, name, now_ms, catalog)
         report.lines += line_count
         report.errors.extend(errors)
         rejected = bool(errors) and on_error == "reject-file"

@@ -164,7 +164,7 @@ def cdr_import(
         if not Path(where).is_dir():
             fail(f"CDR directory not found: {where}")
         report = import_cdrs(b.db, where, now_ms=_now_ms(), on_error=on_error, rescan=rescan,
-                             guide_records=not no_guide)
+                             guide_records=not no_guide, catalog=b.catalog)
     result = asdict(report)
     result["errors"] = [str(e) for e in report.errors]
     if json:
@@ -486,18 +486,25 @@ def bill_rerate(period: str = typer.Option(..., "--period"),
                 ratecard: Path = typer.Option(..., "--ratecard", help="The corrected rate card (new version)"),
                 on: str = typer.Option(None, "--date", help="Date of the adjustments"),
                 config: Path = ConfigOption, json: bool = JsonOption) -> None:
-    """Re-rate a finalized period with a corrected rate card: differences become adjustments on the next run."""
-    from billing.billrun import rerate
+    """Re-rate a finalized period with a corrected rate card (in place of the version in force with the same
+    effective-from) by the online rating engine: differences become adjustments on the next run."""
+    from billing.rerating import rerate
+    from ocs.config import load_config
+    from ocs.ratecard_store import load_active_cards
     from ratecards import load_ratecard
 
     with billing(config) as b:
-        result = rerate(b.db, b.catalog, load_ratecard(ratecard), period, today=on or _today(), now_ms=_now_ms())
+        active = load_active_cards(load_config(config))
+        result = rerate(b.db, b.catalog, load_ratecard(ratecard), period, today=on or _today(), now_ms=_now_ms(),
+                        active=active)
         if json:
             emit_json(result)
             return
-        _console().print(f"{len(result['adjustments'])} adjustment(s), total {_money(result['total'], b)} "
-                         f"{b.catalog.currency}; prepaid differences not adjusted: "
-                         f"{len(result['prepaid_not_adjusted'])}")
+        _console().print(f"{result['records']} record(s) re-rated: {_money(result['old_amount'], b)} → "
+                         f"{_money(result['new_amount'], b)} {b.catalog.currency}; "
+                         f"{len(result['adjustments'])} adjustment(s), total {_money(result['total'], b)} "
+                         f"{b.catalog.currency}; not adjusted (prepaid or bonus money, in the OCS balance): "
+                         f"{len(result['prepaid_not_adjusted']) + len(result['bonus_not_adjusted'])}")
 
 
 # ---- invoices ----------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import tomllib
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from fractions import Fraction
 from pathlib import Path
 
@@ -20,7 +21,10 @@ import msgspec
 
 from billing.money import MoneyError, minor_of, parse_money, parse_rate
 from ratecards import RateCard, load_ratecard
+from ratecards.compile import MONEY_BUCKET
 from ratecards.schedule import ROUNDING_MODES
+
+MONEY = "money"  # the unit of money buckets (balances.model.MONEY; billing does not import balances)
 
 DEMO_BILLING_CONFIG = Path(__file__).parent / "demo" / "billing.toml"
 
@@ -96,6 +100,13 @@ class BillingConfig(msgspec.Struct, forbid_unknown_fields=True):
     plans: dict[str, PlanFee] = {}
     default_usage_category: str = "telecom"
     usage_categories: dict[str, str] = {}  # rating group (a TOML string key) → tax category
+    # the unit of buckets the rate card does not name (bonus money, add-ons, shared buckets): bucket id, or a
+    # pattern with * and ?, → "money" or an allowance unit. A '@' ref (a group's bucket) is looked up
+    # without the '@'. Until CDRs carry each bucket's unit (billing.cdrs), import needs this for such buckets.
+    bucket_units: dict[str, str] = {}
+    # money buckets whose debits a postpaid account is invoiced for (own, or its group's '@<id>'); money from
+    # any other money bucket (bonus, promotion) was paid already and is never invoiced
+    invoiced_money_buckets: list[str] = msgspec.field(default_factory=lambda: [MONEY_BUCKET])
     reconciliation: ReconciliationConfig = msgspec.field(default_factory=ReconciliationConfig)
 
 
@@ -145,6 +156,11 @@ def _check(c: BillingConfig) -> None:
         if missing and "*" not in rates:
             raise BillingConfigError(f"taxes.{jurisdiction} has no rate for {', '.join(sorted(missing))} "
                                      "(add it, or a \"*\" default)")
+    for bucket, unit in c.bucket_units.items():
+        if not bucket or bucket.startswith("@") or not unit:
+            raise BillingConfigError(f"bucket_units.{bucket}: give a bucket id (without '@') and a unit")
+    if not c.invoiced_money_buckets:
+        raise BillingConfigError("invoiced_money_buckets must name at least one money bucket (default money)")
     for rg in c.usage_categories:
         if not rg.isdigit():
             raise BillingConfigError(f"usage_categories keys are rating groups, got {rg!r}")
@@ -192,6 +208,8 @@ class Catalog:
     services: dict[int, ServiceInfo]
     ratecard: RateCard
     tax_rates: dict[tuple[str, str], Fraction] = field(default_factory=dict)
+    # bucket id → unit as the rate card names them: its money bucket and the plans' allowance buckets
+    card_bucket_units: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def build(cls, config: BillingConfig, ratecard: RateCard) -> Catalog:
@@ -207,9 +225,13 @@ class Catalog:
             for rate in plan.rates:
                 services.setdefault(rate.rating_group, ServiceInfo(rate.rating_group, rate.service, rate.unit))
         taxes = {(j, cat): parse_rate(rate) for j, rates in config.taxes.items() for cat, rate in rates.items()}
+        buckets = {MONEY_BUCKET: MONEY}
+        for plan in ratecard.plans.values():
+            for allowance in plan.allowances:
+                buckets.setdefault(allowance.bucket, allowance.unit)
         return cls(config=config, currency=ratecard.currency, minor_digits=digits, minor=minor_of(digits),
                    usage_rounding=ratecard.rounding, rating_version=ratecard.version, plan_fees=fees,
-                   services=services, ratecard=ratecard, tax_rates=taxes)
+                   services=services, ratecard=ratecard, tax_rates=taxes, card_bucket_units=buckets)
 
     @classmethod
     def load(cls, billing_config: str | Path, ratecard: str | Path) -> Catalog:
@@ -233,6 +255,20 @@ class Catalog:
     def unit_of(self, rating_group: int | None) -> str | None:
         info = self.services.get(rating_group) if rating_group is not None else None
         return info.unit if info else None
+
+    def bucket_unit(self, ref: str) -> str | None:
+        """The unit of a CDR bucket ref ('<id>' or a group's '@<id>') from the billing config's bucket_units
+        (exact id first, then patterns in file order), else the rate card; None when neither knows it."""
+        bucket = ref[1:] if ref.startswith("@") else ref
+        units = self.config.bucket_units
+        unit = units.get(bucket)
+        if unit is None:
+            unit = next((u for pattern, u in units.items() if fnmatchcase(bucket, pattern)), None)
+        return unit if unit is not None else self.card_bucket_units.get(bucket)
+
+    def invoiced_money(self, ref: str) -> bool:
+        """Does money drawn from this money bucket ref go on a postpaid invoice (not bonus money)?"""
+        return (ref[1:] if ref.startswith("@") else ref) in self.config.invoiced_money_buckets
 
     def entity(self, entity_id: str) -> LegalEntity:
         try:

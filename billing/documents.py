@@ -101,21 +101,26 @@ def list_invoices(db: Database, *, account_id: str | None = None, period: str | 
 
 
 def write_usage_annex(db: Database, catalog: Catalog, invoice_id: int, out: str | Path) -> int:
-    """Every usage record on the invoice as CSV (the annex); returns the number of records written."""
+    """Every usage record on the invoice as CSV (the annex); returns the number of records written. `amount`
+    is the CDR's money amount = `invoiced` (from invoiced money buckets) + `bonus` (from bonus money buckets);
+    `buckets` is what the record took from each bucket ('@': the group's) with the bucket's unit."""
     digits = catalog.minor_digits
     rows = db.query(
         "SELECT record_id, record_type, msisdn, rating_group, record_time, usage_time, octets_in, octets_out, "
-        "octets_total, usage_units, allowance_units, amount, currency FROM usage_records WHERE invoice_id = ? "
-        "AND record_type <> 'close' ORDER BY msisdn, record_time, record_id", (invoice_id,))
+        "octets_total, usage_units, allowance_units, amount, currency, money_invoiced, money_bonus, buckets "
+        "FROM usage_records WHERE invoice_id = ? AND record_type <> 'close' ORDER BY msisdn, record_time, record_id",
+        (invoice_id,))
     with Path(out).open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["record_id", "type", "msisdn", "service", "rating_group", "time_utc", "seconds", "octets_in",
-                         "octets_out", "octets_total", "events", "from_allowance", "amount", "currency"])
-        for (rid, rtype, msisdn, rg, at, seconds, o_in, o_out, o_total, units, allowance, amount, currency) in rows:
+                         "octets_out", "octets_total", "events", "from_allowance", "amount", "currency", "invoiced",
+                         "bonus", "buckets"])
+        for (rid, rtype, msisdn, rg, at, seconds, o_in, o_out, o_total, units, allowance, amount, currency, invoiced,
+             bonus, buckets) in rows:
             when = datetime.fromtimestamp(at / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
             writer.writerow([rid, rtype, msisdn, catalog.service_name(rg), rg, when, _blank(seconds), _blank(o_in),
                              _blank(o_out), _blank(o_total), _blank(units), allowance, _money(amount, digits),
-                             currency])
+                             currency, _money(invoiced, digits), _money(bonus, digits), buckets or ""])
     return len(rows)
 
 
@@ -175,7 +180,7 @@ def render_html(doc: dict) -> str:
     notes = []
     if Decimal(doc["prepaid_usage"]) != 0:
         notes.append(f'Usage marked in grey ({doc["prepaid_usage"]} {e(doc["currency"])}) was already paid from '
-                     "your prepaid balance and is shown for information only; it is not part of the total.")
+                     "your prepaid or bonus balance and is shown for information only; it is not part of the total.")
     if credit:
         notes.append(f"This credit note reduces invoice {e(doc['credits_invoice'] or '')}. "
                      f"Reason: {e(doc['reason'] or '')}")

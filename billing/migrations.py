@@ -179,7 +179,32 @@ _V1 = [
         summary TEXT NOT NULL)""",
 ]
 
+# Version 2: what each record drew from which bucket, by the bucket's real unit (billing.cdrs), and the rating
+# keys re-rating needs (billing.rerating). Records imported before keep everything as invoiced money. Invoice
+# lines gain the kind "allowance" (units from allowance buckets, amount 0, charged 0: informational).
+_V2 = [
+    # money from invoiced money buckets (the plan's money bucket, own or a group's '@'): what a postpaid
+    # account owes for the record
+    "ALTER TABLE usage_records ADD COLUMN money_invoiced BIGINT NOT NULL DEFAULT 0",
+    "UPDATE usage_records SET money_invoiced = amount",
+    # money from other money buckets (bonus, promotions): already paid, never invoiced
+    "ALTER TABLE usage_records ADD COLUMN money_bonus BIGINT NOT NULL DEFAULT 0",
+    # money and allowance units taken from the group's shared ('@') buckets (part of the above)
+    "ALTER TABLE usage_records ADD COLUMN money_shared BIGINT NOT NULL DEFAULT 0",
+    "ALTER TABLE usage_records ADD COLUMN allowance_shared BIGINT NOT NULL DEFAULT 0",
+    "ALTER TABLE usage_records ADD COLUMN buckets TEXT",  # JSON {ref: [amount, unit]} as resolved at import
+    "ALTER TABLE usage_records ADD COLUMN request_number BIGINT",  # ccRequestNumber
+    "ALTER TABLE usage_records ADD COLUMN serving_plmn TEXT",  # servingNodePLMN (roaming zone)
+    "ALTER TABLE usage_records ADD COLUMN service_context TEXT",  # serviceContextId
+    "ALTER TABLE usage_records ADD COLUMN destination TEXT",  # the called party, when the CDR carries it
+    "ALTER TABLE usage_records ADD COLUMN tariff TEXT",  # the tariff online charging rated with
+    "ALTER TABLE usage_records ADD COLUMN tariff_parts TEXT",  # JSON: the CDR's tariffParts
+    "CREATE INDEX usage_session ON usage_records (session_id, rating_group)",
+    "CREATE INDEX usage_msisdn_time ON usage_records (msisdn, record_time)",
+]
+
 # (version, description, statements)
 MIGRATIONS: list[tuple[int, str, list[str]]] = [
     (1, "accounts, usage records, bill runs, invoices, payments, reconciliations", _V1),
+    (2, "usage by bucket unit (invoiced, bonus and shared money, allowances) and rating keys", _V2),
 ]

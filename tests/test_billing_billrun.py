@@ -20,11 +20,12 @@ from billing.accounts import (
     end_subscription,
     open_invoices,
 )
-from billing.billrun import credit_note, finalize, rerate, run_bill
+from billing.billrun import credit_note, finalize, run_bill
 from billing.cdrs import import_cdrs
 from billing.config import Catalog, load_billing_config
 from billing.documents import invoice_document
 from billing.money import prorate
+from billing.rerating import rerate
 from ratecards import parse_ratecard
 from tests.test_billing_helpers import (  # noqa: F401 - fixtures
     CENT,

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from ocs.cli import app
 from simulators.wholesale import derive_host_file, read_cdrs, synthesize_month
-from tests.test_billing_helpers import db_url, imsi, msisdn  # noqa: F401 - fixture
+from tests.test_billing_helpers import DEMO_RATECARD, db_url, imsi, msisdn  # noqa: F401 - fixture
 
 
 @pytest.fixture
@@ -90,6 +90,11 @@ def test_month_to_invoices_payments_and_reconciliation(ocs, tmp_path: Path) -> N
     credit = ocs.json("invoice", "credit", "DM-0000002", "--reason", "goodwill", "--line", str(fee_line),
                       "--amount", "0.50")
     assert credit["number"] == "DM-CN-0000001" and credit["subtotal"] == -500_000
+    # re-rating with the same prices under a new version (the rating engine, the versions in force): no change
+    corrected = tmp_path / "corrected.toml"
+    corrected.write_text(DEMO_RATECARD.read_text().replace('version = "2026-11-demo"', 'version = "2026-11-fix"', 1))
+    rerated = ocs.json("bill", "rerate", "--period", "2026-11", "--ratecard", str(corrected), "--date", "2026-12-02")
+    assert rerated["records"] > 0 and rerated["new_amount"] == rerated["old_amount"] and rerated["adjustments"] == []
     host = tmp_path / "host.csv"
     injected = derive_host_file(read_cdrs(tmp_path / "cdr"), host, drop=1, unknown_sims=1)
     report = ocs.json("reconcile", str(host), "--out", str(tmp_path / "rec"))
@@ -116,6 +121,7 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(ocs, tmp_path: Path) -
         ("invoice", "show", "DM-9"),
         ("cdr", "import", str(tmp_path / "missing")),
         ("reconcile", str(tmp_path / "missing.csv")),
+        ("bill", "rerate", "--period", "2026-11", "--ratecard", str(DEMO_RATECARD)),  # not finalized
     ]
     for args in cases:
         result = ocs(*args, ok=False)

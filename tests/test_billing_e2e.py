@@ -107,9 +107,9 @@ async def test_a_month_from_online_charging_to_invoices_and_reconciliation(valke
     assert cdr_charges > 0
     for n in range(1, SUBSCRIBERS + 1):
         make_account(db, catalog, n, payment_type="prepaid" if n == SUBSCRIBERS else "postpaid")
-    report = import_cdrs(db, cdr_dir, now_ms=T0 + 31 * DAY)
+    report = import_cdrs(db, cdr_dir, now_ms=T0 + 31 * DAY, catalog=catalog)
     assert (report.inserted, report.errors, report.guide.rejected) == (len(cdrs), [], 0)
-    assert import_cdrs(db, cdr_dir, now_ms=T0 + 31 * DAY, rescan=True).inserted == 0
+    assert import_cdrs(db, cdr_dir, now_ms=T0 + 31 * DAY, rescan=True, catalog=catalog).inserted == 0
 
     run = run_bill(db, catalog, "2026-11", now_ms=T0 + 31 * DAY)
     assert run["ties_out"] and run["cdr_amount"] == run["usage_lines"] == cdr_charges

@@ -94,8 +94,11 @@ def make_account(db: Database, catalog: Catalog, n: int, *, plan: str = "demo", 
 def usage_record(session: str, number: int, n: int, at_ms: int, *, rg: int = 100, amount: int = 0,
                  octets: int | None = 1_000_000, seconds: int | None = None, units: int | None = None,
                  record_type: str = "usage", allowance: int = 0, charging_id: str | None = None,
-                 currency: str = "EUR", opened: int | None = None) -> dict:
-    """A CDR record shaped exactly as balances/lua writes it (key order and types)."""
+                 currency: str = "EUR", opened: int | None = None, bucket: dict[str, int] | None = None,
+                 context: dict | None = None, version: str = "2026-11-demo", **tail) -> dict:
+    """A CDR record shaped exactly as balances/lua writes it (key order and types). `bucket` replaces the
+    default map (allowance "data", then "money"); `context` adds session members (servingNodePLMN,
+    serviceContextId, ...) and `tail` members after ratingVersion (tariff, tariffParts)."""
     usage = {}
     if seconds is not None:
         usage["time"] = seconds
@@ -103,18 +106,21 @@ def usage_record(session: str, number: int, n: int, at_ms: int, *, rg: int = 100
         usage["octetsTotal"] = octets
     if units is not None:
         usage["units"] = units
-    bucket = {}
-    if allowance:
-        bucket["data"] = allowance
-    if amount:
-        bucket["money"] = amount
+    if bucket is None:
+        bucket = {}
+        if allowance:
+            bucket["data"] = allowance
+        if amount:
+            bucket["money"] = amount
     record = {"recordId": f"{session};{number};{rg}", "recordType": record_type, "schemaVersion": 1,
               "servedMSISDN": msisdn(n), "servedIMSI": imsi(n), "sessionId": session, "originHost": "gw.test"}
     if charging_id is not None:
         record["chargingID"] = charging_id
+    record.update(context or {})
     record.update({"recordOpeningTime": opened if opened is not None else at_ms, "ccRequestNumber": number,
                    "recordTime": at_ms, "ratingGroup": rg, "usage": usage, "amount": amount, "currency": currency,
-                   "bucket": bucket, "ratingVersion": "2026-11-demo"})
+                   "bucket": bucket, "ratingVersion": version})
+    record.update(tail)
     return record
 
 
