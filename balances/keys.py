@@ -66,6 +66,19 @@ def expiry_key(partition: int) -> str:
     return f"bexp:{tag(partition)}"
 
 
+def usage_counters_key(partition: int, msisdn: str) -> str:
+    """Hash of the subscriber's rating counters (ratecards/pricing.py item 7), per rating group and period:
+    '<rg>:<period>' units of a day/week/month scope, '<rg>:cap:<period>' micro-units charged in the cap
+    period, '<rg>:fu:<period>' every unit used in the fair-usage period."""
+    return f"use:{tag(partition)}:{msisdn}"
+
+
+def schedules_key(partition: int) -> str:
+    """Hash: schedule id (balances.model.with_schedule_id) -> the rating schedule JSON a reservation was
+    granted with, so its usage is rated with that one (Tariff-Time-Change)."""
+    return f"sched:{tag(partition)}"
+
+
 def group_key(partition: int, group: str) -> str:
     """A sharing group's shared buckets: the same hash layout as bal:, plus per-member counters."""
     return f"grp:{tag(partition)}:{group}"
@@ -102,15 +115,21 @@ def sidx_key(session_id: str) -> str:
 
 
 def location_value(location: Location) -> str:
-    """What index keys hold: `<partition>|<msisdn>|<plan>`, and `|<group>` for a group member."""
+    """What index keys hold: `<partition>|<msisdn>|<plan>`, and `|<group>` for a group member; a session
+    index with rating keys adds `|<plmn>|<destination>` (the group then always present, maybe empty)."""
     value = f"{location.partition}|{location.msisdn}|{location.plan}"
+    if location.plmn or location.destination:
+        return f"{value}|{location.group}|{location.plmn}|{location.destination}"
     return f"{value}|{location.group}" if location.group else value
 
 
 def parse_location(value: str | bytes) -> Location:
+    """Any value location_value ever wrote (3, 4 or 6 fields; the destination may hold '|')."""
     text = value.decode() if isinstance(value, bytes) else value
-    partition, msisdn, plan, *group = text.split("|", 3)
-    return Location(int(partition), msisdn, plan, group[0] if group else "")
+    partition, msisdn, plan, *rest = text.split("|", 5)
+    if len(rest) == 3:
+        return Location(int(partition), msisdn, plan, rest[0], rest[1], rest[2])
+    return Location(int(partition), msisdn, plan, "|".join(rest))
 
 
 # ---- session ownership and server-initiated messages (ocs.routing, ocs.supervision) ----------------------

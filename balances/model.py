@@ -113,6 +113,10 @@ class Location(msgspec.Struct, frozen=True):
     msisdn: str
     plan: str
     group: str = ""  # the sharing group the subscriber is a member of ("" = none)
+    # a session's rating keys from its CCR-I (sidx: only), for the CCR-U/T that do not repeat them: the serving
+    # MCC-MNC (digits) and the called address as received ("" = none)
+    plmn: str = ""
+    destination: str = ""
 
 
 class Subscriber(msgspec.Struct, omit_defaults=True):

@@ -33,12 +33,13 @@ from typing import Any
 
 import msgspec
 import redis.asyncio as aioredis
+from redis.exceptions import AskError, MovedError, ResponseError, WatchError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError, WatchError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from balances import keys as k
 from balances.buckets import MAX_EXACT, bucket_meta, bucket_states, check_bucket, check_id, check_subscriber
+from balances.connection import NodeClients, duplicate, is_cluster, open_client
 from balances.ledger import history as ledger_history
 from balances.ledger import parse_entry
 from balances.model import (
@@ -62,6 +63,8 @@ from balances.scripts import Library, build_library, is_missing_function, load_l
 SESSION_INDEX_TTL_MS = 86_400_000  # sidx of a closed session lives as long as its stored answers
 PROVISION_CHUNK = 1000
 SCAN_PAGE = 1000
+CLUSTER_REDIRECTS = 5  # MOVED / ASK replies followed for one command before its caller hears the error
+_ASKING = b"*1\r\n$6\r\nASKING\r\n"
 # error replies that mean "not now" (a long script, loading, failover), not "wrong request"
 UNAVAILABLE_REPLIES = ("BUSY", "LOADING", "MASTERDOWN", "READONLY", "TRYAGAIN", "CLUSTERDOWN")
 
@@ -164,6 +167,15 @@ def _pack(command: Sequence[Any]) -> bytes:
     return b"*%d\r\n" % len(command) + b"".join(map(_bulk, command))
 
 
+def _command_key(command: Sequence[Any]) -> Any:
+    """The key a command is routed by on a cluster: the first key (FCALL/EVALSHA: after numkeys); None for
+    a command without one. A command's keys must share one slot, as for any cluster client."""
+    name = command[0].upper() if isinstance(command[0], str) else bytes(command[0]).upper().decode()
+    if name in ("FCALL", "FCALL_RO", "EVALSHA", "EVAL"):
+        return command[3] if int(command[2]) > 0 else None
+    return command[1] if len(command) > 1 else None
+
+
 def _pack_fcall(function: str, keys: Sequence[str], args: Sequence[Any]) -> bytes:
     return (b"*%d\r\n$5\r\nFCALL\r\n" % (3 + len(keys) + len(args)) + _bulk(function) + _bulk(len(keys))
             + b"".join(map(_bulk, keys)) + b"".join(map(_bulk, args)))
@@ -209,7 +221,9 @@ class BalanceStore:
 
     def __init__(self, redis: aioredis.Redis, partitions: int | None = None, *, max_inflight: int = 4,
                  max_batch: int = 256, cache_size: int = 1_000_000, call_timeout: float | None = None) -> None:
-        self.redis = redis
+        self.redis = redis  # a plain client or a RedisCluster (balances.connection.open_client)
+        # on a cluster: a client per primary, to which the batcher sends each command by its key's slot
+        self._nodes: NodeClients | None = NodeClients(redis) if is_cluster(redis) else None
         self.call_timeout = call_timeout  # seconds; None waits as long as Redis takes
         self._blocking: aioredis.Redis | None = None  # own connection for BLPOP (take_request)
         self._wanted_partitions = partitions
@@ -232,10 +246,12 @@ class BalanceStore:
         self._sessions = _LocationCache(cache_size)
 
     @classmethod
-    async def connect(cls, url: str, partitions: int | None = None, **options: Any) -> BalanceStore:
-        """A store on its own client (redis-py asyncio + hiredis); close() closes the client."""
+    async def connect(cls, url: str, partitions: int | None = None, *, cluster: bool = False,
+                      **options: Any) -> BalanceStore:
+        """A store on its own client (redis-py asyncio + hiredis); close() closes the client. A cluster URL
+        (redis+cluster://) or `cluster` makes it a Redis Cluster client (balances.connection)."""
         timeout = options.get("call_timeout")
-        client = aioredis.Redis.from_url(url, socket_connect_timeout=max(timeout or 5.0, 1.0))
+        client = open_client(url, cluster=cluster, socket_connect_timeout=max(timeout or 5.0, 1.0))
         store = cls(client, partitions, **options)
         store._owns_client = True
         await store.ready()
@@ -256,6 +272,8 @@ class BalanceStore:
         if self._blocking is not None:
             await self._blocking.aclose()
             self._blocking = None
+        if self._nodes is not None:
+            await self._nodes.aclose()
         if self._owns_client:
             await self.redis.aclose()
 
@@ -277,12 +295,41 @@ class BalanceStore:
         wanted = self._wanted_partitions
         if wanted is not None and not 1 <= wanted <= k.MAX_PARTITIONS:
             raise ValueError(f"partitions must be 1..{k.MAX_PARTITIONS}")
+        if self._nodes is not None:
+            await self._nodes.initialize()
         await self.redis.set(k.PARTITIONS_KEY, wanted or k.DEFAULT_PARTITIONS, nx=True)
         installed = int(await self.redis.get(k.PARTITIONS_KEY))
         if wanted is not None and installed != wanted:
             raise ValueError(f"{k.PARTITIONS_KEY} is {installed}, not {wanted}: partitions are fixed at install")
-        await load_library(self.redis, self.library)
+        await self._load_library()
         self._partitions = installed
+
+    async def _load_library(self) -> None:
+        """FUNCTION LOAD on the server, or on every primary of a cluster (a function runs on the node that
+        owns its keys); called again whenever a node answers "Function not found" (a node that was
+        restarted without persistence, a primary added by resharding)."""
+        if self._nodes is None:
+            await load_library(self.redis, self.library)
+            return
+        await asyncio.gather(*(load_library(self._nodes.client(node), self.library)
+                               for node in self._nodes.primaries()))
+
+    async def client_for(self, key: str) -> aioredis.Redis:
+        """A plain client of the server holding `key` (its primary on a cluster): for MULTI/EXEC over one
+        partition's keys (ocs.audit) and anything else that must reach that node itself."""
+        if self._nodes is None:
+            return self.redis
+        if not self._nodes.ready:
+            await self._nodes.initialize()
+        return self._nodes.client(self._nodes.node_for_key(key))
+
+    async def primary_clients(self) -> list[aioredis.Redis]:
+        """A plain client per primary (the server alone without a cluster): what a SCAN must visit."""
+        if self._nodes is None:
+            return [self.redis]
+        if not self._nodes.ready:
+            await self._nodes.initialize()
+        return [self._nodes.client(node) for node in self._nodes.primaries()]
 
     @property
     def partitions(self) -> int:
@@ -360,7 +407,7 @@ class BalanceStore:
             results = await self._execute(batch)
             retry = [call for call, result in zip(batch, results, strict=True) if is_missing_function(result)]
             if retry:
-                await load_library(self.redis, self.library)
+                await self._load_library()
                 again = dict(zip(map(id, retry), await self._execute(retry), strict=True))
                 results = [again.get(id(call), result) for call, result in zip(batch, results, strict=True)]
         except BaseException as exc:  # connection lost, cancelled: every caller of the batch hears it
@@ -385,27 +432,33 @@ class BalanceStore:
         call's extra command counts as the call's error)."""
         chunks = []
         replies_per_call = []
+        cluster = self._nodes is not None
+        routes: list[Any] = []  # on a cluster: the key each command is routed by
         for call in batch:
             for command in call.extra:
                 chunks.append(_pack(command))
+                if cluster:
+                    routes.append(_command_key(command))
             if call.function:
                 chunks.append(_pack_fcall(call.function, call.keys, call.args))
+                if cluster:
+                    routes.append(call.keys[0] if call.keys else None)
             replies_per_call.append(len(call.extra) + (1 if call.function else 0))
         self.pipelines_sent += 1
         self.calls_sent += len(batch)
-        replies = iter(await self._roundtrip(chunks))
+        replies = iter(await (self._cluster_roundtrip(chunks, routes) if cluster else self._roundtrip(chunks)))
         results = []
         for count in replies_per_call:
             mine = [next(replies) for _ in range(count)]
             results.append(next((r for r in mine if isinstance(r, ResponseError)), mine[-1]))
         return results
 
-    async def _roundtrip(self, packed: list[bytes]) -> list[Any]:
+    async def _roundtrip(self, packed: list[bytes], client: aioredis.Redis | None = None) -> list[Any]:
         """Sends packed commands on one pooled connection and reads every reply; error replies come back as
         ResponseError values. The commands are packed here (_pack) rather than by redis-py's generic packer,
         which costs more than all the rest of a charge() on this side; redis-py still owns the connection
-        (pool, auth, TLS, RESP parsing with hiredis)."""
-        pool = self.redis.connection_pool
+        (pool, auth, TLS, RESP parsing with hiredis). `client`: a cluster node's (default: the server's)."""
+        pool = (client or self.redis).connection_pool
         connection = await pool.get_connection()
         try:
             await connection.send_packed_command(b"".join(packed), check_health=False)
@@ -421,6 +474,65 @@ class BalanceStore:
             raise
         finally:
             await pool.release(connection)
+
+    async def _cluster_roundtrip(self, packed: list[bytes], routes: Sequence[Any]) -> list[Any]:
+        """_roundtrip on a cluster: each command goes to the primary owning the slot of its key (`routes`;
+        None: any primary), one pipeline per node, all nodes at once; replies in the order of `packed`. A
+        MOVED reply (failover, resharding) re-sends that command to the node it names and re-reads the slot
+        map, an ASK reply (a slot being migrated) re-sends it there after ASKING; neither ran the command."""
+        nodes = self._nodes
+        assert nodes is not None
+        if not nodes.ready:
+            await nodes.initialize()
+        replies: list[Any] = [None] * len(packed)
+        todo = list(range(len(packed)))
+        redirected: dict[int, str] = {}  # command -> the node a MOVED or ASK reply named
+        asking: set[int] = set()  # ... after an ASK: sent after ASKING
+        for attempt in range(CLUSTER_REDIRECTS + 1):
+            groups: dict[str, tuple[aioredis.Redis, list[int]]] = {}
+            for index in todo:
+                if index in redirected:
+                    client, name = nodes.client_by_name(redirected[index]), redirected[index]
+                else:
+                    key = routes[index]
+                    node = nodes.node_for_key(key) if key is not None else nodes.primaries()[0]
+                    client, name = nodes.client(node), node.name
+                groups.setdefault(name, (client, []))[1].append(index)
+            answers = await asyncio.gather(*(
+                self._roundtrip([chunk for i in indexes for chunk in
+                                 ((_ASKING, packed[i]) if i in asking else (packed[i],))], client)
+                for client, indexes in groups.values()), return_exceptions=True)
+            failed = next((answer for answer in answers if isinstance(answer, BaseException)), None)
+            if failed is not None:
+                if isinstance(failed, RedisConnectionError | RedisTimeoutError):
+                    await self._refresh_slots()  # a primary is gone: a replica may have taken over
+                raise failed
+            todo, moved, sent_asking, redirected, asking = [], False, asking, {}, set()
+            for (_, indexes), answer in zip(groups.values(), answers, strict=True):
+                replies_of_node = iter(answer)
+                for index in indexes:
+                    if index in sent_asking:
+                        next(replies_of_node)  # ASKING's +OK
+                    reply = replies[index] = next(replies_of_node)
+                    if isinstance(reply, AskError) and attempt < CLUSTER_REDIRECTS:  # MovedError is one too
+                        todo.append(index)
+                        redirected[index] = f"{reply.host}:{reply.port}"
+                        if isinstance(reply, MovedError):
+                            moved = True
+                        else:
+                            asking.add(index)
+            if not todo:
+                break
+            if moved:
+                await self._refresh_slots()
+        return replies
+
+    async def _refresh_slots(self) -> None:
+        assert self._nodes is not None
+        try:
+            await self._nodes.refresh()
+        except Exception:  # the next call tries again; its caller hears the original error
+            pass
 
     async def _bounded(self, awaitable: Any, timed: bool = False) -> Any:
         """Redis down, busy or slow becomes StoreUnavailable. A call's future is bounded by _expire; any other
@@ -498,45 +610,55 @@ class BalanceStore:
 
     # ---- charging --------------------------------------------------------------------------------------
 
-    async def charge(self, request: ChargeRequest) -> ChargeOutcome:
+    async def charge(self, request: ChargeRequest, session_location: Location | None = None) -> ChargeOutcome:
         """One CCR: one FCALL of charge.lua (event.lua for EVENT), batched with the tick's other calls.
         CCR-I also writes sidx:<session-id> and adds the session to its subscriber's subses: set in the same
-        pipeline; CCR-T gives sidx the closed-session TTL and takes the session out of subses:."""
+        pipeline; CCR-T gives sidx the closed-session TTL and takes the session out of subses:.
+        `session_location`: the session's index value with its rating keys (CCR-I; a CCR-U that brings new
+        keys rewrites it in the same pipeline)."""
         p = request.partition
         payload = _encoder.encode(request)
         group_keys = (k.group_key(p, request.group),) if request.group else ()
         if request.request_type == EVENT:
             keys = (k.sub_key(p, request.msisdn), k.bal_key(p, request.msisdn),
                     k.evt_key(p, request.session_id, request.request_number), k.cdr_key(p), k.ledger_key(p),
-                    k.expiry_key(p), *group_keys)
+                    k.expiry_key(p), k.usage_counters_key(p, request.msisdn), *group_keys)
             raw = await self._call("event", keys, (payload,))
         else:
             keys = (k.sub_key(p, request.msisdn), k.bal_key(p, request.msisdn),
                     k.ses_key(p, request.session_id), k.open_key(p), k.cdr_key(p), k.ledger_key(p),
-                    k.expiry_key(p), *group_keys)
+                    k.expiry_key(p), k.usage_counters_key(p, request.msisdn), k.schedules_key(p), *group_keys)
             extra: tuple[tuple, ...] = ()
             subses = k.subscriber_sessions_key(p, request.msisdn)
             if request.request_type == INITIAL:
-                location = Location(p, request.msisdn, request.plan, request.group)
+                location = session_location or Location(p, request.msisdn, request.plan, request.group)
                 extra = (("SET", k.sidx_key(request.session_id), k.location_value(location)),
                          ("SADD", subses, request.session_id))
+            elif request.request_type == UPDATE and session_location is not None:
+                extra = (("SET", k.sidx_key(request.session_id), k.location_value(session_location), "XX",
+                          "KEEPTTL"),)
             elif request.request_type == TERMINATION:
                 extra = (("PEXPIRE", k.sidx_key(request.session_id), SESSION_INDEX_TTL_MS),
                          ("SREM", subses, request.session_id))
             raw = await self._call("charge", keys, (payload,), extra)
         outcome = _outcome_decoder.decode(raw)
+        if session_location is not None and request.request_type == UPDATE:
+            self._sessions.put(request.session_id, session_location)
         if request.request_type == INITIAL:
             if outcome.result_code == 2001:
-                self._sessions.put(request.session_id, Location(p, request.msisdn, request.plan, request.group))
+                self._sessions.put(request.session_id, session_location
+                                   or Location(p, request.msisdn, request.plan, request.group))
             elif outcome.result_code != 5012 or outcome.stale_plan is not None:
                 # no session was created (5030, 4010, stale plan): take back the index entry; 5012 without
                 # stale_plan means the session exists and the entry is its own
                 await self._commands(("DEL", k.sidx_key(request.session_id)),
                                      ("SREM", k.subscriber_sessions_key(p, request.msisdn), request.session_id))
         if outcome.stale_plan is not None:
+            keys = session_location or self._sessions.get(request.session_id) or Location(p, request.msisdn, "")
             self.forget(msisdn=request.msisdn, session_id=request.session_id)
             if request.request_type in (UPDATE, TERMINATION):  # the session's index entry names the old ones
-                fresh = Location(p, request.msisdn, outcome.stale_plan, outcome.stale_group or "")
+                fresh = Location(p, request.msisdn, outcome.stale_plan, outcome.stale_group or "", keys.plmn,
+                                 keys.destination)
                 await self._commands(("SET", k.sidx_key(request.session_id), k.location_value(fresh), "XX",
                                       "KEEPTTL"))
         elif request.request_type == TERMINATION:
@@ -865,11 +987,16 @@ class BalanceStore:
     async def _pipeline(self, commands: Iterable[tuple]) -> list[Any]:
         """Plain commands in one round trip; when the server lacks the function library it is loaded and the
         commands re-sent (callers only send commands that are safe to repeat). Raises the first error."""
+        commands = list(commands)
         packed = [_pack(command) for command in commands]
+        routes = [_command_key(command) for command in commands] if self._nodes is not None else None
         for attempt in range(2):
-            results = await self._roundtrip(packed)
+            if routes is None:
+                results = await self._roundtrip(packed)
+            else:
+                results = await self._cluster_roundtrip(packed, routes)
             if attempt == 0 and any(is_missing_function(r) for r in results):
-                await load_library(self.redis, self.library)
+                await self._load_library()
                 continue
             for result in results:
                 if isinstance(result, Exception):
@@ -1172,8 +1299,7 @@ class BalanceStore:
         """The next request queued for this process, waiting up to timeout_s (BLPOP on a connection of its
         own, so charging never waits behind it)."""
         if self._blocking is None:
-            self._blocking = aioredis.Redis(connection_pool=aioredis.ConnectionPool(
-                **self.redis.connection_pool.connection_kwargs))
+            self._blocking = duplicate(self.redis)
         reply = await self._blocking.blpop([k.queue_key(owner)], timeout=timeout_s)
         return None if reply is None else reply[1]
 

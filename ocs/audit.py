@@ -20,6 +20,7 @@ Reads only (Redis and the CDR files); imports balances but nothing of Diameter.
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections import defaultdict
 from pathlib import Path
@@ -86,10 +87,11 @@ def _wallet_key(partition: int, owner: str) -> str:
     return k.bal_key(partition, name) if kind == "m" else k.group_key(partition, name)
 
 
-async def _wallet_owners(redis: Any, partitions: int) -> dict[int, set[str]]:
-    """Every balance hash, by partition ('m:<msisdn>' / 'g:<group>')."""
+async def _wallet_owners(primaries: list[Any], partitions: int) -> dict[int, set[str]]:
+    """Every balance hash, by partition ('m:<msisdn>' / 'g:<group>'): a SCAN of every primary (one server, or
+    each primary of a cluster)."""
     owners: dict[int, set[str]] = defaultdict(set)
-    for pattern, kind in (("bal:*", "m"), ("grp:*", "g")):
+    for redis, (pattern, kind) in itertools.product(primaries, (("bal:*", "m"), ("grp:*", "g"))):
         async for key in redis.scan_iter(match=pattern, count=SCAN_COUNT, _type="HASH"):
             name = _text(key)
             tag, _, rest = name.partition("}:")
@@ -287,12 +289,13 @@ def _check_partition(partition: int, snap: _Snapshot, file_records: list[dict], 
 async def audit(store: Any, cdr_directory: Path | str | None) -> AuditReport:
     """The whole audit over every partition (works while the server runs); report.ok when nothing differs."""
     await store.ready()
-    redis = store.redis
     report = AuditReport(ok=True, partitions=store.partitions, buckets=0, ledger_entries=0, cdr_records=0,
                          units={}, differences=[])
     directory = Path(cdr_directory) if cdr_directory is not None else None
-    owners = await _wallet_owners(redis, store.partitions)
+    owners = await _wallet_owners(await store.primary_clients(), store.partitions)
     for partition in range(store.partitions):
+        # the partition's own node: its keys share a slot, so MULTI/EXEC there is one consistent instant
+        redis = await store.client_for(k.ledger_key(partition))
         snap = await _snapshot(redis, partition, owners.get(partition, set()))
         pending = {stream_id for stream_id, _ in snap.stream}
         file_records = (_file_records(directory, partition, snap.last_cdr_id, pending, report.differences)

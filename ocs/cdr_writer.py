@@ -41,7 +41,10 @@ from typing import Any
 
 import msgspec
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import MovedError, RedisError, ResponseError
+
+from balances.connection import NodeClients, is_cluster
 
 __all__ = ["CdrWriter", "format_line", "lease_key", "stream_key"]
 
@@ -257,6 +260,10 @@ class CdrWriter:
         self._partitions = {
             p: _Partition(p, stream_key(p), lease_key(p), self.directory / f"p{p:03d}") for p in partitions
         }
+        # on a Redis Cluster the partitions are spread over the primaries: every pipeline below is sent per
+        # primary on a plain client of that node (redis-py's cluster pipeline refuses scripts), which is also
+        # what puts WAITAOF on the connection that made the write, on the node that holds the partition
+        self._nodes: NodeClients | None = NodeClients(redis) if is_cluster(redis) else None
         self._renew = redis.register_script(_RENEW)
         self._release = redis.register_script(_RELEASE)
         self._ack = redis.register_script(_ACK)
@@ -281,6 +288,8 @@ class CdrWriter:
                 except (RedisError, OSError) as exc:
                     log.warning("CDR writer %s: %s; retrying", self.owner, exc)
                     written, delay = 0, min(delay * 2, 2.0)
+                    if self._nodes is not None and isinstance(exc, MovedError | RedisConnectionError):
+                        await self._refresh_slots()  # failover or resharding: read the slot map again
                 if not written:
                     try:
                         await asyncio.wait_for(stop.wait(), delay)
@@ -294,6 +303,8 @@ class CdrWriter:
 
     async def drain_once(self) -> int:
         """One pass over the partitions: take free leases, recover, write what the streams hold, trim."""
+        if self._nodes is not None and not self._nodes.ready:
+            await self._nodes.initialize()
         if self.durability is None:
             self.durability = await self._read_durability()
         await self._acquire()
@@ -327,30 +338,63 @@ class CdrWriter:
                     self._forget_file(part)
             if part.held:
                 try:
-                    await self._release(keys=[part.lease], args=[self.owner])
+                    await self._release(keys=[part.lease], args=[self.owner], client=self._client_of(part))
                 except RedisError as exc:  # the lease simply expires
                     log.warning("CDR writer: cannot release %s: %s", part.lease, exc)
                 part.held = part.recovered = False
                 part.last_id = None
+        if self._nodes is not None:
+            await self._nodes.aclose()
 
     # --- Redis side -------------------------------------------------------------------------------------
 
-    async def _read_durability(self) -> str:
-        """"always" when Redis fsyncs every write before answering; else WAITAOF is needed."""
+    def _client_of(self, part: _Partition) -> aioredis.Redis:
+        """The client to send a partition's commands with: the server's, or its primary's on a cluster."""
+        if self._nodes is None:
+            return self.redis
+        return self._nodes.client(self._nodes.node_for_key(part.lease))
+
+    def _by_node(self, parts: list[_Partition]) -> list[tuple[aioredis.Redis, list[_Partition]]]:
+        """The partitions grouped by the client that reaches them (one group without a cluster)."""
+        if self._nodes is None:
+            return [(self.redis, parts)]
+        groups: dict[int, tuple[aioredis.Redis, list[_Partition]]] = {}
+        for part in parts:
+            client = self._client_of(part)
+            groups.setdefault(id(client), (client, []))[1].append(part)
+        return list(groups.values())
+
+    async def _refresh_slots(self) -> None:
+        assert self._nodes is not None
         try:
-            config = {_text(k): _text(v) for k, v in (await self.redis.config_get("append*")).items()}
-        except ResponseError:  # CONFIG renamed or disabled: assume the worst and wait for the AOF
-            return "waitaof"
-        if config.get("appendonly") == "no":
-            log.warning("Redis runs without AOF: CDRs are written without waiting for durability")
-            return "none"
-        return "always" if config.get("appendfsync") == "always" else "waitaof"
+            await self._nodes.refresh()
+        except RedisError as exc:  # the next pass tries again
+            log.warning("CDR writer %s: cannot read the cluster's slot map: %s", self.owner, exc)
+
+    async def _read_durability(self) -> str:
+        """"always" when Redis fsyncs every write before answering; else WAITAOF is needed. On a cluster the
+        weakest primary decides."""
+        clients = [self.redis] if self._nodes is None else [self._nodes.client(n) for n in self._nodes.primaries()]
+        found = []
+        for client in clients:
+            try:
+                config = {_text(k): _text(v) for k, v in (await client.config_get("append*")).items()}
+            except ResponseError:  # CONFIG renamed or disabled: assume the worst and wait for the AOF
+                return "waitaof"
+            if config.get("appendonly") == "no":
+                log.warning("Redis runs without AOF: CDRs are written without waiting for durability")
+                return "none"
+            found.append("always" if config.get("appendfsync") == "always" else "waitaof")
+        return "waitaof" if "waitaof" in found else "always"
 
     async def _acquire(self) -> None:
         free = [p for p in self._partitions.values() if not p.held]
         if not free:
             return
-        pipe = self.redis.pipeline(transaction=False)
+        await asyncio.gather(*(self._acquire_on(client, parts) for client, parts in self._by_node(free)))
+
+    async def _acquire_on(self, client: aioredis.Redis, free: list[_Partition]) -> None:
+        pipe = client.pipeline(transaction=False)
         for part in free:
             pipe.set(part.lease, self.owner, nx=True, px=self.lease_ms)
             await self._renew(keys=[part.lease], args=[self.owner, self.lease_ms], client=pipe)
@@ -361,7 +405,7 @@ class CdrWriter:
                 log.info("CDR writer %s now owns partition %d", self.owner, part.number)
 
     async def _recover(self, part: _Partition) -> None:
-        first = await self.redis.xrange(part.stream, "-", "+", count=1)
+        first = await self._client_of(part).xrange(part.stream, "-", "+", count=1)
         confirmed_below = _parse_id(_text(first[0][0])) if first else None
         part.last_id = await asyncio.to_thread(self._recover_files, part, confirmed_below)
         part.recovered = True
@@ -371,24 +415,21 @@ class CdrWriter:
     async def _read(self) -> tuple[dict[int, list[tuple[str, dict[Any, Any]]]], bool]:
         """Read up to a batch per partition, renewing the leases in the same round trip; if needed, wait
         until the AOF holds what was read. Returns entries by partition and whether any batch was full."""
-        parts = [p for p in self._partitions.values() if p.held and p.recovered]
-        if not parts:
+        held = [p for p in self._partitions.values() if p.held and p.recovered]
+        if not held:
             return {}, False
-        pipe = self.redis.pipeline(transaction=False)
-        for part in parts:
-            pipe.xrange(part.stream, f"({part.last_id}" if part.last_id else "-", "+", count=self.batch)
-        for part in parts:
-            await self._renew(keys=[part.lease], args=[self.owner, self.lease_ms], client=pipe)
         renewed_at = time.monotonic()
-        results = await pipe.execute()
+        groups = self._by_node(held)
+        answers = await asyncio.gather(*(self._read_on(client, parts) for client, parts in groups))
         entries: dict[int, list[tuple[str, dict[Any, Any]]]] = {}
         full = False
-        for index, part in enumerate(parts):
-            if results[len(parts) + index] != 1:
-                self._lose(part)
-            elif results[index]:
-                entries[part.number] = [(_text(i), fields) for i, fields in results[index]]
-                full = full or len(results[index]) >= self.batch
+        for (_, parts), results in zip(groups, answers, strict=True):
+            for index, part in enumerate(parts):
+                if results[len(parts) + index] != 1:
+                    self._lose(part)
+                elif results[index]:
+                    entries[part.number] = [(_text(i), fields) for i, fields in results[index]]
+                    full = full or len(results[index]) >= self.batch
         if entries and self.durability == "waitaof":
             renewed_at = time.monotonic()
             if not await self._wait_for_aof([self._partitions[p] for p in entries]):
@@ -399,9 +440,24 @@ class CdrWriter:
             return {}, False
         return entries, full
 
+    async def _read_on(self, client: aioredis.Redis, parts: list[_Partition]) -> list[Any]:
+        """XRANGE of each partition, then each lease's renewal, in one round trip."""
+        pipe = client.pipeline(transaction=False)
+        for part in parts:
+            pipe.xrange(part.stream, f"({part.last_id}" if part.last_id else "-", "+", count=self.batch)
+        for part in parts:
+            await self._renew(keys=[part.lease], args=[self.owner, self.lease_ms], client=pipe)
+        return await pipe.execute()
+
     async def _wait_for_aof(self, parts: list[_Partition]) -> bool:
-        """Renew (a write on this connection, after the reads) and WAITAOF for it to reach the local AOF."""
-        pipe = self.redis.pipeline(transaction=False)
+        """Renew (a write on this connection, after the reads) and WAITAOF for it to reach the local AOF; on a
+        cluster, on each primary holding some of the partitions."""
+        answers = await asyncio.gather(*(self._wait_for_aof_on(client, group) for client, group in
+                                         self._by_node(parts)))
+        return all(answers)
+
+    async def _wait_for_aof_on(self, client: aioredis.Redis, parts: list[_Partition]) -> bool:
+        pipe = client.pipeline(transaction=False)
         for part in parts:
             await self._renew(keys=[part.lease], args=[self.owner, self.lease_ms], client=pipe)
         pipe.execute_command("WAITAOF", 1, 0, self.waitaof_timeout_ms)
@@ -423,7 +479,10 @@ class CdrWriter:
 
     async def _acknowledge(self, parts: list[_Partition]) -> None:
         """Trim each stream up to its last written id, if we still hold its lease."""
-        pipe = self.redis.pipeline(transaction=False)
+        await asyncio.gather(*(self._acknowledge_on(client, group) for client, group in self._by_node(parts)))
+
+    async def _acknowledge_on(self, client: aioredis.Redis, parts: list[_Partition]) -> None:
+        pipe = client.pipeline(transaction=False)
         for part in parts:
             assert part.last_id is not None
             await self._ack(keys=[part.lease, part.stream],

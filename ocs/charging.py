@@ -2,7 +2,10 @@
 
 Theory of operation: `CreditControl.answer(message)` checks the request (5005/5004 with Failed-AVP),
 finds the subscriber or the session (cached index keys), turns every Multiple-Services-Credit-Control into
-an `MsccCharge` carrying its compiled rating schedule, and makes exactly one `BalanceStore.charge` call: the
+an `MsccCharge` carrying the rating schedule in force at the request's time for its keys (`OnlineRating`
+over the loaded `Rater`: serving network, destination, Service-Context-Id, Service-Identifier; the CCR-I's
+keys ride in the session index for the CCR-U/T), with Tariff-Time-Change and the next schedule when the
+price changes within the grant, and makes exactly one `BalanceStore.charge` call: the
 charge script does duplicate detection, commit, release and reservation atomically and returns a
 `ChargeOutcome`, which is encoded here into the CCA. A duplicate gets the stored outcome re-encoded, so the
 answer is the same and nothing is debited twice. Nothing here touches sockets or Redis directly.
@@ -11,6 +14,7 @@ answer is the same and nothing is debited twice. Nothing here touches sockets or
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -28,12 +32,15 @@ from balances.model import (
     MsccCharge,
     MsccOutcome,
     Units,
+    with_schedule_id,
 )
 from balances.store import BalanceStore
 from ocs.clock import Clock
 from protocol.codec import Avp, DecodeError, Message, encode_answer, encode_avp
 from protocol.dictionary import lookup
-from ratecards.schedule import ANSWER_ONLY_FIELDS, REDIRECT, RESTRICT_ACCESS, RatingSchedule
+from ratecards.keys import normalize_plmn, plmn_from_user_location_info
+from ratecards.rater import Rater, UnknownRate
+from ratecards.schedule import ANSWER_ONLY_FIELDS, PERIODS, REDIRECT, RESTRICT_ACCESS, RatingSchedule
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +81,13 @@ KNOWN_SERVICE_CONTEXTS = frozenset({
     ("32276", "3gpp.org"),  # VCS
 })
 IMEISV = 0  # User-Equipment-Info-Type
+# Tariff-Change-Usage (RFC 4006 §8.27) in a Used-Service-Unit
+UNIT_BEFORE_TARIFF_CHANGE, UNIT_AFTER_TARIFF_CHANGE, UNIT_INDETERMINATE = 0, 1, 2
+DEFAULT_CHARGING_HORIZON = 86_400  # seconds (charging.charging_horizon_seconds)
+MAX_CHARGING_HORIZON = 7 * 86_400  # schedule_for looks 8 days ahead; a memoised choice serves one of them
+_CHOICE_SPAN = 86_400  # a choice without a change within ratecards.rater.HORIZON is reused this long
+_CHOICE_LIMIT = 100_000  # memoised choices (plan × rating group × keys) before the memo starts over
+MAX_DESTINATION_LENGTH = 256  # a longer called address is not kept in the session index
 CAUSES = {1: "normalRelease", 2: "abnormalRelease", 3: "abnormalRelease", 4: "managementIntervention",
           5: "abnormalRelease", 6: "timeLimit", 7: "abnormalRelease", 8: "timeLimit"}
 
@@ -169,13 +183,18 @@ class QuotaAvps:
     Quota-Holding-Time, Trigger (TS 32.299 order); only GSU, the ids and Result-Code change per request.
     """
 
-    __slots__ = ("validity", "final_validity", "action", "fui", "thresholds", "tail")
+    __slots__ = ("validity", "final_validity", "action", "fui", "fair_usage_fui", "thresholds", "tail")
 
     def __init__(self, s: RatingSchedule) -> None:
         self.validity = encode_avp("Validity-Time", s.validity_time) if s.validity_time else b""
         self.final_validity = encode_avp("Validity-Time", s.final_validity_time) if s.final_validity_time else b""
         self.action = s.final_unit_action
         self.fui = encode_avp("Final-Unit-Indication", _fui_avps(s))
+        # the fair-usage policy's restriction (its own Filter-Ids / rules), whatever the credit action is
+        fair: list = [("Final-Unit-Action", RESTRICT_ACCESS)]
+        fair.extend(("Restriction-Filter-Rule", rule) for rule in s.fair_usage_restriction_filter_rules)
+        fair.extend(("Filter-Id", name) for name in s.fair_usage_filter_ids)
+        self.fair_usage_fui = encode_avp("Final-Unit-Indication", fair)
         thresholds = []  # (the GSU fields that arm it, the AVP)
         if s.time_quota_threshold:
             thresholds.append((("time",), encode_avp("Time-Quota-Threshold", s.time_quota_threshold)))
@@ -192,8 +211,11 @@ class QuotaAvps:
             tail += encode_avp("Trigger", [("Trigger-Type", t) for t in s.triggers])
         self.tail = tail
 
-    def final_unit_indication(self, action: int) -> bytes:
-        """The schedule's FUI, or a bare one when a stored outcome names another action (card changed)."""
+    def final_unit_indication(self, action: int, fair_usage: bool = False) -> bytes:
+        """The schedule's FUI (the fair-usage restriction when the outcome says so), or a bare one when a
+        stored outcome names another action (card changed)."""
+        if fair_usage and action == RESTRICT_ACCESS:
+            return self.fair_usage_fui
         if action == self.action:
             return self.fui
         return encode_avp("Final-Unit-Indication", [("Final-Unit-Action", action)])
@@ -226,20 +248,35 @@ def _units(group: Avp | None) -> Units | None:
     )
 
 
-def _sum_units(groups: list[Avp]) -> tuple[Units | None, int | None]:
-    """All USUs of one MSCC summed (a tariff change reports two), and the first Reporting-Reason inside."""
+def _sum_units(groups: list[Avp]) -> tuple[Units | None, int | None, tuple[Units | None, ...]]:
+    """The USUs of one MSCC: those without Tariff-Change-Usage summed, the first Reporting-Reason inside, and
+    the ones split at a tariff change summed apart (before, after, indeterminate; None when absent)."""
     if not groups:
-        return None, None
-    total: dict[str, int] = {}
+        return None, None, _NO_SPLIT
+    totals: list[dict[str, int] | None] = [{}, None, None, None]  # plain, before, after, indeterminate
     reason = None
     for group in groups:
+        usage = group.get("Tariff-Change-Usage")
+        slot = usage + 1 if usage in (UNIT_BEFORE_TARIFF_CHANGE, UNIT_AFTER_TARIFF_CHANGE, UNIT_INDETERMINATE) \
+            else 0
+        total = totals[slot]
+        if total is None:
+            total = totals[slot] = {}
         for field, avp_name in UNIT_AVP.items():
             value = group.get(avp_name)
             if value is not None:
                 total[field] = total.get(field, 0) + value
         if reason is None:
             reason = group.get("Reporting-Reason")
-    return Units(**total), reason
+    plain, *split = totals
+    if not any(t is not None for t in split):
+        return Units(**plain), reason, _NO_SPLIT
+    return (Units(**plain) if plain else None), reason, tuple(None if t is None else Units(**t) for t in split)
+
+
+_NO_SPLIT: tuple[Units | None, ...] = (None, None, None)
+_NO_PERIODS: dict[str, str] = {}
+_SESSION_KEYS = frozenset({"zone", "destination"})  # the rating keys a session keeps from its CCR-I
 
 
 def _context(message: Message, imsi: str | None) -> dict[str, Any]:
@@ -289,7 +326,167 @@ def _script_schedule(s: RatingSchedule) -> dict:
     schedule = msgspec.to_builtins(s)
     for name in ANSWER_ONLY_FIELDS:
         schedule.pop(name, None)
-    return schedule
+    return with_schedule_id(schedule)
+
+
+def _text(value: Any) -> str | None:
+    if isinstance(value, bytes | bytearray):
+        value = bytes(value).decode("utf-8", "replace")
+    return value or None
+
+
+def _address_data(recipient: Avp | None) -> str | None:
+    return _text(recipient.get("Address-Data")) if recipient is not None else None
+
+
+def rating_keys(message: Message) -> tuple[str | None, str | None]:
+    """The request's rating keys: the serving MCC-MNC (3GPP-SGSN-MCC-MNC in PS-Information or at top level,
+    else the MCC-MNC of 3GPP-User-Location-Info) and the called address (IMS Called-Party-Address or
+    Requested-Party-Address, SMS/MMS Recipient-Address); None for what it does not carry or cannot be read."""
+    plmn = destination = None
+    try:
+        info = message.find("Service-Information")
+        if info is not None:
+            ps = info.find("PS-Information")
+            if ps is not None:
+                plmn = normalize_plmn(ps.get("3GPP-SGSN-MCC-MNC")) or plmn_from_user_location_info(
+                    ps.get("3GPP-User-Location-Info"))
+            ims = info.find("IMS-Information")
+            if ims is not None:
+                destination = _text(ims.get("Called-Party-Address")) or _text(ims.get("Requested-Party-Address"))
+            if destination is None:
+                sms = info.find("SMS-Information")
+                if sms is not None:
+                    for recipient in sms.find_all("Recipient-Info"):
+                        destination = _address_data(recipient.find("Recipient-Address"))
+                        if destination:
+                            break
+            if destination is None:
+                mms = info.find("MMS-Information")
+                if mms is not None:
+                    destination = _address_data(mms.find("Recipient-Address"))
+        if plmn is None:
+            plmn = normalize_plmn(message.get("3GPP-SGSN-MCC-MNC")) or plmn_from_user_location_info(
+                message.get("3GPP-User-Location-Info"))
+    except DecodeError:
+        pass  # a malformed key rates like an absent one
+    if destination is not None and len(destination) > MAX_DESTINATION_LENGTH:
+        destination = None
+    return plmn, destination
+
+
+class RatedSchedule:
+    """A compiled schedule as online charging sends it, built once per schedule: the charge script's dict
+    (without the answer-only fields, with its content id), the CCA's constant AVPs, the periods whose keys
+    the script counts by, and the grant horizon for Tariff-Time-Change."""
+
+    __slots__ = ("source", "schedule", "script", "quota", "periods", "horizon")
+
+    def __init__(self, source: RatingSchedule, default_quotas: Mapping[str, int], horizon: int) -> None:
+        self.source = source
+        quota = default_quotas.get(source.unit, 0)
+        schedule = msgspec.structs.replace(source, default_quota=quota, max_quota=max(quota, source.max_quota)) \
+            if quota else source
+        self.schedule = schedule
+        self.script = _script_schedule(schedule)
+        self.quota = QuotaAvps(schedule)
+        periods = [schedule.scope]
+        if schedule.cap:
+            periods.append(schedule.cap_period)
+        if schedule.fair_usage_units:
+            periods.append(schedule.fair_usage_period)
+        self.periods = tuple(dict.fromkeys(p for p in periods if p in PERIODS))
+        self.horizon = min(schedule.validity_time or horizon, MAX_CHARGING_HORIZON)
+
+
+class RatingChoice:
+    """What one plan × rating group × rating keys is rated with from `since` until `until` (the next change,
+    or a day when none is near), and, computed when first needed, the schedule from that change on."""
+
+    __slots__ = ("key", "rated", "change", "since", "until", "following", "next_rated", "next_periods")
+
+    def __init__(self, key: tuple, rated: RatedSchedule, change: float | None, since: float) -> None:
+        self.key = key
+        self.rated = rated
+        self.change = change
+        self.since = since
+        self.until = change if change is not None else since + _CHOICE_SPAN
+        self.next_rated: RatedSchedule | None = None
+        self.following: float | None = None  # the change after `change`
+        self.next_periods: dict[str, str] = {}
+
+
+class OnlineRating:
+    """The rate card as online charging reads it, rebuilt on every reload: per request, the schedule for the
+    request's plan, rating group, time and keys (Rater.schedule_for), memoised per combination of keys for
+    as long as it holds, with the script dicts and constant AVPs built once per schedule."""
+
+    def __init__(self, rater: Rater, *, default_quotas: Mapping[str, int] | None = None,
+                 horizon_seconds: int = DEFAULT_CHARGING_HORIZON) -> None:
+        self.rater = rater
+        self.horizon = min(horizon_seconds, MAX_CHARGING_HORIZON)
+        self.default_quotas = {unit: quota for unit, quota in (default_quotas or {}).items() if quota}
+        self.default_rating_groups = rater.default_rating_groups()
+        self.currency = rater.currency
+        self.versions = tuple(card.version for card in rater.cards)
+        self._rated: dict[int, RatedSchedule] = {}
+        self._choices: dict[tuple, RatingChoice] = {}
+        self._keys_used: dict[str, frozenset[str]] = {}
+
+    def keys_used(self, plan: str) -> frozenset[str]:
+        used = self._keys_used.get(plan)
+        if used is None:
+            used = self._keys_used[plan] = self.rater.keys_used(plan)
+        return used
+
+    def rated(self, schedule: RatingSchedule) -> RatedSchedule:
+        found = self._rated.get(id(schedule))
+        if found is None or found.source is not schedule:
+            found = self._rated[id(schedule)] = RatedSchedule(schedule, self.default_quotas, self.horizon)
+        return found
+
+    def choose(self, plan: str, rating_group: int, t: float, plmn: str | None, destination: str | None,
+               context: str | None, service_id: int | None) -> RatingChoice:
+        """The choice in force at t (UnknownRate when the plan cannot rate the rating group)."""
+        key = (plan, rating_group, plmn, destination, context, service_id)
+        choice = self._choices.get(key)
+        if choice is not None and choice.since <= t < choice.until:
+            return choice
+        schedule, change = self.rater.schedule_for(plan, rating_group, at=t, plmn=plmn, destination=destination,
+                                                   service_context=context, service_identifier=service_id)
+        choice = RatingChoice(key, self.rated(schedule), change, t)
+        if len(self._choices) >= _CHOICE_LIMIT:
+            self._choices.clear()
+        self._choices[key] = choice
+        return choice
+
+    def after_change(self, choice: RatingChoice) -> RatingChoice:
+        """Fills in the schedule from choice.change on (once per choice)."""
+        if choice.next_rated is None and choice.change is not None:
+            plan, rating_group, plmn, destination, context, service_id = choice.key
+            schedule, following = self.rater.schedule_for(
+                plan, rating_group, at=choice.change, plmn=plmn, destination=destination, service_context=context,
+                service_identifier=service_id)
+            rated = self.rated(schedule)
+            choice.following = following
+            choice.next_periods = self.periods(rated, choice.change)
+            choice.next_rated = rated
+        return choice
+
+    def periods(self, rated: RatedSchedule, t: float) -> dict[str, str]:
+        """Period kind → key at t, for the periods the schedule counts by."""
+        if not rated.periods:
+            return {}
+        return {kind: self.rater.period_key(t, kind) for kind in rated.periods}
+
+
+def _quota_for(quotas: dict, mscc: MsccOutcome, session: bool) -> tuple[QuotaAvps | None, bytes]:
+    """The quota-control AVPs an answer MSCC gets: a session's MSCC answered 2001, or with a final unit
+    action (5030 for a bundle-only rating group, 4012 ...); none for events and plain errors."""
+    if not session or (mscc.result_code != SUCCESS and mscc.final_unit_action is None):
+        return None, b""
+    found = quotas.get((mscc.rating_group, mscc.service_id))
+    return found if found is not None else (None, b"")
 
 
 class CreditControl:
@@ -301,8 +498,9 @@ class CreditControl:
         origin_host: str,
         origin_realm: str,
         store: BalanceStore,
-        plans: Mapping[str, Mapping[int, RatingSchedule]],
-        default_rating_groups: Mapping[str, int] | None = None,
+        rater: Rater,
+        default_quotas: Mapping[str, int] | None = None,
+        charging_horizon: int = DEFAULT_CHARGING_HORIZON,
         clock: Clock | None = None,
         metrics: Any = None,
         unknown_session_termination_result: int = UNKNOWN_SESSION_ID,
@@ -321,25 +519,20 @@ class CreditControl:
         self.cc_session_failover = cc_session_failover
         # a Service-Context-Id outside KNOWN_SERVICE_CONTEXTS: 5031 RATING_FAILED, or accepted when True
         self.accept_unknown_service_context = accept_unknown_service_context
-        self.default_rating_groups = dict(default_rating_groups or {})
         self._failure_handling = failure_handling
         self._failure_hints: dict[tuple[str, str], list[bytes]] = {}
         self._identity = [("Origin-Host", origin_host), ("Origin-Realm", origin_realm)]
-        self.set_plans(plans)
+        self._default_quotas = dict(default_quotas or {})
+        self._charging_horizon = charging_horizon
+        self.set_rater(rater)
 
-    def set_plans(self, plans: Mapping[str, Mapping[int, RatingSchedule]]) -> None:
-        """Compiled schedules, kept as the dicts the charge script takes (without the fields only the answer
-        needs), and their constant quota-control AVPs encoded: both built once per plan × RG."""
-        self._schedules = {
-            plan: {rg: _script_schedule(s) for rg, s in groups.items()} for plan, groups in plans.items()
-        }
-        self._quota = {plan: {rg: QuotaAvps(s) for rg, s in groups.items()} for plan, groups in plans.items()}
-        self._currency = {
-            plan: next(iter(groups.values())).currency if groups else "EUR" for plan, groups in plans.items()
-        }
-        for plan, groups in plans.items():
-            if plan not in self.default_rating_groups and groups:
-                self.default_rating_groups[plan] = min(groups)
+    def set_rater(self, rater: Rater) -> None:
+        """The rate card to rate with from now on (a reload swaps it between two requests)."""
+        self.rating = OnlineRating(rater, default_quotas=self._default_quotas, horizon_seconds=self._charging_horizon)
+
+    @property
+    def default_rating_groups(self) -> dict[str, int]:
+        return self.rating.default_rating_groups
 
     # ---- entry point -------------------------------------------------------------------------------------
 
@@ -352,8 +545,8 @@ class CreditControl:
         try:
             self._check_required(message)
             request_type = message.get("CC-Request-Type")
-            outcome, location = await self._charge(message, request_type, peer)
-            answer = self._encode(message, outcome, location)
+            outcome, location, quotas = await self._charge(message, request_type, peer)
+            answer = self._encode(message, outcome, quotas)
             if self.metrics is not None:
                 self.metrics.observe_answer(request_type, outcome.result_code)
                 self.metrics.observe_latency(time.perf_counter() - started)
@@ -423,24 +616,40 @@ class CreditControl:
             raise RequestRejected(USER_UNKNOWN, message="subscriber unknown")
         return location, imsi
 
-    async def _charge(self, message: Message, request_type: int,
-                      peer: str | None = None) -> tuple[ChargeOutcome, Location | None]:
+    async def _charge(self, message: Message, request_type: int, peer: str | None = None,
+                      ) -> tuple[ChargeOutcome, Location | None, dict]:
         session_id = message.session_id
         request_number = message.get("CC-Request-Number")
         context: dict[str, Any] = {}
+        session_location: Location | None = None  # the session index value to write (CCR-I, new keys)
         if request_type in (INITIAL, EVENT):
             self._check_service_context(message)
             location, imsi = await self._locate_subscriber(message)
             context = _context(message, imsi)
+            plmn, destination = rating_keys(message)
+            if plmn or destination:
+                location = Location(location.partition, location.msisdn, location.plan, location.group,
+                                    plmn or "", destination or "")
+                if request_type == INITIAL:
+                    session_location = location
         else:
             location = await self.store.locate_session(session_id)
             if location is None:
                 if request_type == TERMINATION:
                     raise RequestRejected(self.unknown_session_termination_result, message="session unknown")
                 raise RequestRejected(UNKNOWN_SESSION_ID, message="session unknown")
+            if not self.rating.keys_used(location.plan).isdisjoint(_SESSION_KEYS):
+                # the CCR-I's keys, unless this request brings others (a handover to another network)
+                plmn, destination = rating_keys(message)
+                if (plmn and plmn != location.plmn) or (destination and destination != location.destination):
+                    location = Location(location.partition, location.msisdn, location.plan, location.group,
+                                        plmn or location.plmn, destination or location.destination)
+                    if request_type == UPDATE:
+                        session_location = location
         command_level = not message.find_all("Multiple-Services-Credit-Control")
+        now_ms = self.clock.now_ms()
         for _attempt in range(2):
-            msccs, rating_failures = self._msccs(message, location.plan, request_type)
+            msccs, rating_failures, quotas = self._msccs(message, location, request_type, now_ms)
             request = ChargeRequest(
                 session_id=session_id,
                 request_type=request_type,
@@ -448,7 +657,7 @@ class CreditControl:
                 msisdn=location.msisdn,
                 plan=location.plan,
                 partition=location.partition,
-                now_ms=self.clock.now_ms(),
+                now_ms=now_ms,
                 msccs=msccs,
                 requested_action=message.get("Requested-Action"),
                 origin_host=message.get("Origin-Host") or "",
@@ -461,73 +670,121 @@ class CreditControl:
                 group=location.group,
             )
             charge_started = time.perf_counter()
-            outcome = await self.store.charge(request)
+            outcome = await self.store.charge(request, session_location)
             if self.metrics is not None:
                 self.metrics.observe_redis(time.perf_counter() - charge_started)
             if outcome.stale_plan is None:
                 break
             self.store.forget(msisdn=location.msisdn, session_id=session_id)
-            location = Location(location.partition, location.msisdn, outcome.stale_plan, outcome.stale_group or "")
+            location = msgspec.structs.replace(location, plan=outcome.stale_plan, group=outcome.stale_group or "")
+            if session_location is not None:
+                session_location = location
         else:
             raise RequestRejected(UNABLE_TO_COMPLY, message="subscriber plan changed during the request")
         if rating_failures and not outcome.duplicate:
             outcome.msccs.extend(rating_failures)
-        return outcome, location
+        return outcome, location, quotas
 
-    def _msccs(self, message: Message, plan: str, request_type: int) -> tuple[list[MsccCharge], list[MsccOutcome]]:
-        """Every MSCC as an MsccCharge; MSCCs whose rating group the plan cannot rate become 5031 outcomes."""
-        schedules = self._schedules.get(plan, {})
+    def _msccs(self, message: Message, location: Location, request_type: int, now_ms: int,
+               ) -> tuple[list[MsccCharge], list[MsccOutcome], dict]:
+        """Every MSCC as an MsccCharge rated at now_ms with the request's keys; MSCCs whose rating group the
+        plan cannot rate become 5031 outcomes. Also the constant AVPs (and Validity-Time) per (rating group,
+        Service-Identifier) for the answer."""
+        plan = location.plan
+        rating = self.rating
+        used_keys = rating.keys_used(plan)
+        keys = (
+            plan,
+            location.plmn or None if "zone" in used_keys else None,
+            location.destination or None if "destination" in used_keys else None,
+            message.get("Service-Context-Id") if "context" in used_keys else None,
+            "service_identifier" in used_keys,
+        )
+        t = now_ms / 1000
+        granting = request_type in (INITIAL, UPDATE)  # a CCR-T gets no grant, an event no Tariff-Time-Change
         charges: list[MsccCharge] = []
         failures: list[MsccOutcome] = []
+        quotas: dict = {}
         groups = message.find_all("Multiple-Services-Credit-Control")
         if not groups:
             # plain RFC 4006 client: command-level units on the plan's default rating group
             requested = message.find("Requested-Service-Unit")
             used = message.find_all("Used-Service-Unit")
             if requested is None and not used and request_type not in (EVENT, UPDATE):
-                return charges, failures
+                return charges, failures, quotas
             # a CCR-U without units still goes to the charge script: for a redirected or restricted client it
             # is the request for units after the Validity-Time (RFC 4006 §5.6.3); otherwise it changes nothing
-            rating_group = self.default_rating_groups.get(plan)
-            schedule = schedules.get(rating_group) if rating_group is not None else None
-            if schedule is None:
+            rating_group = rating.default_rating_groups.get(plan)
+            charge = None if rating_group is None else self._mscc_charge(
+                rating_group, message.get("Service-Identifier"), requested, used, None, t, keys, granting, quotas,
+                request_type == EVENT)
+            if charge is None:
                 failures.append(MsccOutcome(rating_group=rating_group or 0, result_code=RATING_FAILED))
-                return charges, failures
-            used_units, reason = _sum_units(used)
-            charges.append(MsccCharge(
-                rating_group=rating_group,
-                schedule=schedule,
-                service_id=message.get("Service-Identifier"),
-                used=used_units,
-                requested=requested is not None or request_type == EVENT,
-                requested_units=_units(requested),
-                reporting_reason=reason,
-            ))
-            return charges, failures
+            else:
+                charges.append(charge)
+            return charges, failures, quotas
         for group in groups:
             rating_group = group.get("Rating-Group")
             service_id = group.get("Service-Identifier")
             if rating_group is None:
-                rating_group = self.default_rating_groups.get(plan)
-            schedule = schedules.get(rating_group) if rating_group is not None else None
-            if schedule is None:
+                rating_group = rating.default_rating_groups.get(plan)
+            charge = None if rating_group is None else self._mscc_charge(
+                rating_group, service_id, group.find("Requested-Service-Unit"), group.find_all("Used-Service-Unit"),
+                group, t, keys, granting, quotas, request_type == EVENT)
+            if charge is None:
                 failures.append(MsccOutcome(rating_group=rating_group or 0, service_id=service_id,
                                             result_code=RATING_FAILED))
-                continue
-            requested = group.find("Requested-Service-Unit")
-            used_units, reason = _sum_units(group.find_all("Used-Service-Unit"))
-            if reason is None:
-                reason = group.get("Reporting-Reason")
-            charges.append(MsccCharge(
-                rating_group=rating_group,
-                schedule=schedule,
-                service_id=service_id,
-                used=used_units,
-                requested=requested is not None or request_type == EVENT,
-                requested_units=_units(requested),
-                reporting_reason=reason,
-            ))
-        return charges, failures
+            else:
+                charges.append(charge)
+        return charges, failures, quotas
+
+    def _mscc_charge(self, rating_group: int, service_id: int | None, requested: Avp | None, used: list[Avp],
+                     group: Avp | None, t: float, keys: tuple, granting: bool, quotas: dict,
+                     event: bool) -> MsccCharge | None:
+        """One MSCC (or the command-level units) rated with the schedule in force at t; None when the plan
+        has no rate for the rating group. A change of schedule within the grant horizon adds the
+        Tariff-Time-Change, the next schedule and its period keys (CCR-I/U: what may get a grant)."""
+        plan, plmn, destination, context, by_service_id = keys
+        rating = self.rating
+        try:
+            choice = rating.choose(plan, rating_group, t, plmn, destination, context,
+                                   service_id if by_service_id else None)
+        except UnknownRate:
+            return None
+        rated = choice.rated
+        validity = rated.quota.validity
+        change_ms = next_schedule = None
+        next_periods: dict[str, str] = {}
+        change = choice.change
+        if granting and change is not None and change < t + rated.horizon:
+            rating.after_change(choice)
+            change_ms = int(change * 1000)
+            next_schedule = choice.next_rated.script
+            next_periods = choice.next_periods
+            following = choice.following
+            if following is not None and following < t + rated.horizon:
+                # one Tariff-Time-Change per grant: it must be used up before the change after that one
+                validity = encode_avp("Validity-Time", max(1, math.ceil(following - t)))
+        quotas[(rating_group, service_id)] = (rated.quota, validity)
+        used_units, reason, (before, after, indeterminate) = _sum_units(used)
+        if reason is None and group is not None:
+            reason = group.get("Reporting-Reason")
+        return MsccCharge(
+            rating_group=rating_group,
+            schedule=rated.script,
+            service_id=service_id,
+            used=used_units,
+            requested=requested is not None or event,
+            requested_units=_units(requested),
+            reporting_reason=reason,
+            used_before=before,
+            used_after=after,
+            used_indeterminate=indeterminate,
+            tariff_change_ms=change_ms,
+            next_schedule=next_schedule,
+            periods=rating.periods(rated, t) if rated.periods else _NO_PERIODS,
+            next_periods=next_periods,
+        )
 
     # ---- answers -----------------------------------------------------------------------------------------
 
@@ -594,28 +851,28 @@ class CreditControl:
             avps.append(("Failed-AVP", [rejected.failed_avp]))
         return encode_answer(message, avps)
 
-    def _encode(self, message: Message, outcome: ChargeOutcome, location: Location | None) -> bytes:
+    def _encode(self, message: Message, outcome: ChargeOutcome, quotas: dict) -> bytes:
+        """The CCA; `quotas` holds, per (rating group, Service-Identifier), the constant AVPs of the schedule
+        this request was rated with and the Validity-Time of a grant (see _mscc_charge)."""
         avps = self._header_avps(message, outcome.result_code)
         failed: list[bytes] = []
         command_level = not message.find_all("Multiple-Services-Credit-Control")
-        plan = location.plan if location is not None else ""
-        quotas = self._quota.get(plan, {})
         session = message.get("CC-Request-Type") != EVENT  # an event gets units, never quota control
         if command_level:
             # RFC 4006 form: GSU, Cost-Information, FUI and Validity-Time at command level (no 3GPP thresholds,
             # holding time or triggers: they live in MSCC only)
             for mscc in outcome.msccs:
-                quota = quotas.get(mscc.rating_group) if session and mscc.result_code == SUCCESS else None
+                quota, validity = _quota_for(quotas, mscc, session)
                 if mscc.granted is not None:
-                    avps.append(("Granted-Service-Unit", self._unit_avps(mscc.granted)))
+                    avps.append(("Granted-Service-Unit", self._gsu_avps(mscc)))
                 if mscc.cost is not None:
-                    avps.append(("Cost-Information", self._cost(mscc.cost, plan)))
+                    avps.append(("Cost-Information", self._cost(mscc.cost)))
                 if mscc.final_unit_action is not None:
-                    avps.append(quota.final_unit_indication(mscc.final_unit_action) if quota is not None
-                                else encode_avp("Final-Unit-Indication",
-                                                [("Final-Unit-Action", mscc.final_unit_action)]))
+                    avps.append(quota.final_unit_indication(mscc.final_unit_action, mscc.fair_usage)
+                                if quota is not None else encode_avp("Final-Unit-Indication",
+                                                                     [("Final-Unit-Action", mscc.final_unit_action)]))
                 if quota is not None:
-                    validity = quota.validity if mscc.granted is not None else (
+                    validity = validity if mscc.granted is not None else (
                         quota.final_validity if mscc.final_unit_action is not None else b"")
                     if validity:
                         avps.append(validity)
@@ -623,13 +880,13 @@ class CreditControl:
                     avps[1] = ("Result-Code", mscc.result_code)
         else:
             for mscc in outcome.msccs:
-                quota = quotas.get(mscc.rating_group) if session and mscc.result_code == SUCCESS else None
-                avps.append(("Multiple-Services-Credit-Control", self._mscc_avps(mscc, quota)))
+                quota, validity = _quota_for(quotas, mscc, session)
+                avps.append(("Multiple-Services-Credit-Control", self._mscc_avps(mscc, quota, validity)))
                 if mscc.result_code == RATING_FAILED:
                     failed.append(encode_avp("Rating-Group", mscc.rating_group))
             costs = [m.cost for m in outcome.msccs if m.cost is not None]
             if costs:
-                avps.append(("Cost-Information", self._cost(sum(costs), plan)))
+                avps.append(("Cost-Information", self._cost(sum(costs))))
         if outcome.check_balance_result is not None:
             avps.append(("Check-Balance-Result", outcome.check_balance_result))
         avps.extend(self._trailer(message))
@@ -642,15 +899,26 @@ class CreditControl:
         return [(UNIT_AVP[field], value) for field, value in msgspec.structs.asdict(units).items()
                 if value is not None]
 
-    def _mscc_avps(self, mscc: MsccOutcome, quota: QuotaAvps | None) -> list:
-        """One answer MSCC. `quota` (a 2001 MSCC of a session) adds the rate card's quota control: with a
-        grant its Validity-Time, thresholds (not with final units: nothing more to ask for), holding time and
-        triggers; without a grant but with final_unit_action (REDIRECT/RESTRICT_ACCESS, the units are used)
-        the Validity-Time of the restricted state and the FUI, so the gateway keeps redirecting."""
+    @classmethod
+    def _gsu_avps(cls, mscc: MsccOutcome) -> list:
+        """Granted-Service-Unit ::= [Tariff-Time-Change] [CC-Time] ... (RFC 4006 §8.17, TS 32.299): the
+        change inside the grant, as NTP seconds."""
+        units = cls._unit_avps(mscc.granted)
+        if mscc.tariff_change_ms is not None:
+            units.insert(0, ("Tariff-Time-Change", mscc.tariff_change_ms // 1000))
+        return units
+
+    def _mscc_avps(self, mscc: MsccOutcome, quota: QuotaAvps | None, validity: bytes = b"") -> list:
+        """One answer MSCC. `quota` (an MSCC of a session answered 2001, or with a final unit action such as
+        5030 for a bundle-only rating group) adds the rate card's quota control: with a grant its
+        Validity-Time (`validity`), thresholds (not with final units: nothing more to ask for), holding time
+        and triggers; without a grant but with final_unit_action (REDIRECT/RESTRICT_ACCESS, the units are
+        used, or none to give) the Validity-Time of the restricted state and the FUI with its Redirect-Server
+        or filters (the fair-usage ones when the outcome says so), so the gateway keeps redirecting."""
         avps: list = []
         granted = mscc.granted
         if granted is not None:
-            avps.append(("Granted-Service-Unit", self._unit_avps(granted)))
+            avps.append(("Granted-Service-Unit", self._gsu_avps(mscc)))
         if mscc.service_id is not None:
             avps.append(("Service-Identifier", mscc.service_id))
         avps.append(("Rating-Group", mscc.rating_group))
@@ -660,13 +928,13 @@ class CreditControl:
                 avps.append(("Final-Unit-Indication", [("Final-Unit-Action", mscc.final_unit_action)]))
             return avps
         if granted is not None:
-            if quota.validity:
-                avps.append(quota.validity)
+            if validity:
+                avps.append(validity)
         elif mscc.final_unit_action is not None and quota.final_validity:
             avps.append(quota.final_validity)
         avps.append(("Result-Code", mscc.result_code))
         if mscc.final_unit_action is not None:
-            avps.append(quota.final_unit_indication(mscc.final_unit_action))
+            avps.append(quota.final_unit_indication(mscc.final_unit_action, mscc.fair_usage))
         if granted is not None:
             if mscc.final_unit_action is None and quota.thresholds:
                 avps.extend(quota.armed_thresholds(granted))
@@ -674,11 +942,11 @@ class CreditControl:
                 avps.append(quota.tail)
         return avps
 
-    def _cost(self, micro: int, plan: str) -> list:
+    def _cost(self, micro: int) -> list:
         digits, exponent = micro, -6
         while digits and digits % 10 == 0 and exponent < 0:
             digits //= 10
             exponent += 1
-        currency = self._currency.get(plan, "EUR")
+        currency = self.rating.currency
         return [("Unit-Value", [("Value-Digits", digits), ("Exponent", exponent)]),
                 ("Currency-Code", CURRENCY_CODES.get(currency, 978))]

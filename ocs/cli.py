@@ -129,7 +129,8 @@ class StoreSession:
                 self.embedded = EmbeddedValkey(Path(self.config.data_dir) / "valkey")
                 url = self.embedded.start()
         try:
-            self.store = await BalanceStore.connect(url, partitions=self.config.redis.partitions)
+            self.store = await BalanceStore.connect(url, partitions=self.config.redis.partitions,
+                                                    cluster=self.config.redis.cluster)
         except Exception as exc:
             if self.embedded is not None:
                 self.embedded.stop()
@@ -182,12 +183,16 @@ def serve(
     config: Path = ConfigOption,
     demo: bool = typer.Option(False, "--demo", help="Load the demo plan and subscribers 491700000001-10"),
     log_level: str = typer.Option("INFO", "--log-level"),
+    workers: int = typer.Option(1, "--workers", min=1, help="Server processes sharing the port (SO_REUSEPORT)"),
 ) -> None:
     """Run the Diameter server (embedded Valkey when no Redis URL is configured)."""
     from ocs.server import ServerApp
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = get_config(config)
+    if workers > 1:
+        _serve_workers(cfg, workers, demo, log_level)
+        return
 
     async def main() -> None:
         server = ServerApp(cfg)
@@ -210,6 +215,32 @@ def serve(
         fail(str(exc))
     except OSError as exc:
         fail(f"cannot start: {exc}")
+
+
+def _serve_workers(cfg: Config, workers: int, demo: bool, log_level: str) -> None:
+    """`serve --workers N`: the supervisor of ocs.workers (the demo data provisioned once, before the workers)."""
+    from ocs.workers import WorkerPool, WorkerStartError
+    from ratecards import RateCardError
+
+    def provision(url: str) -> None:
+        import msgspec
+
+        async def main() -> None:
+            async with StoreSession(msgspec.structs.replace(
+                    cfg, redis=msgspec.structs.replace(cfg.redis, url=url))) as store:
+                created = await provision_demo(store, cfg)
+            logging.getLogger("ocs").info("demo data ready (%d subscribers created)", created)
+
+        run_async(main)
+
+    try:
+        code = WorkerPool(cfg, workers, log_level=log_level, prepare=provision if demo else None).run()
+    except (ConfigError, RateCardError, WorkerStartError) as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(f"cannot start: {exc}")
+    else:
+        raise typer.Exit(code)
 
 
 # ---- subscribers ---------------------------------------------------------------------------------------

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import msgspec
 
+from balances.connection import is_valid_url
+
 DEMO_RATECARD = Path(__file__).parent / "demo" / "ratecard.toml"
 
 
@@ -47,7 +49,8 @@ class DiameterConfig(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class RedisConfig(msgspec.Struct, forbid_unknown_fields=True):
-    # None starts the embedded Valkey under data_dir/valkey
+    # None starts the embedded Valkey under data_dir/valkey; redis+cluster://host:port is a Redis / Valkey
+    # Cluster (any node: the others are discovered)
     url: str | None = None
     partitions: int = 16
     embedded_port: int = 6390
@@ -55,6 +58,8 @@ class RedisConfig(msgspec.Struct, forbid_unknown_fields=True):
     require_appendfsync_always: bool = True
     # bound of one balance-store call: past it the CCR is answered 3004 DIAMETER_TOO_BUSY at once
     call_timeout_ms: int = 1000
+    # the url is a node of a Redis / Valkey Cluster (same as a redis+cluster:// url)
+    cluster: bool = False
 
 
 class ChargingConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -62,6 +67,10 @@ class ChargingConfig(msgspec.Struct, forbid_unknown_fields=True):
     # how often OCS processes re-read the active rate card (<data_dir>/ratecards/); a new version must take
     # effect at least this far ahead (`ocs ratecard load` checks it)
     ratecard_reload_seconds: float = 60.0
+    # how long a grant without Validity-Time may be used, for Tariff-Time-Change: a tariff change (band
+    # boundary, new version, period end) within a grant's Validity-Time, or within this horizon when the rate
+    # card gives none, is sent as Tariff-Time-Change with the next schedule (at most 7 days)
+    charging_horizon_seconds: int = 86_400
     # override the rate card's default grant per unit type (0 = use the rate card's)
     default_quota_bytes: int = 0
     default_quota_seconds: int = 0
@@ -227,10 +236,10 @@ def _check(config: Config) -> None:
             raise ConfigError(f"{where} needs exactly one of peer or realm")
     if not 1 <= config.redis.partitions <= 999:
         raise ConfigError(f"redis.partitions must be 1..999, got {config.redis.partitions}")
-    if config.redis.url is not None and not config.redis.url.startswith(
-        ("redis://", "rediss://", "unix://", "valkey://")
-    ):
-        raise ConfigError(f"redis.url must be a redis:// or unix:// URL, got {config.redis.url!r}")
+    if config.redis.url is not None and not is_valid_url(config.redis.url):
+        raise ConfigError(f"redis.url must be a redis://, redis+cluster:// or unix:// URL, got {config.redis.url!r}")
+    if config.redis.url is None and config.redis.cluster:
+        raise ConfigError("redis.cluster needs redis.url (a node of the cluster)")
     if config.redis.call_timeout_ms < 1:
         raise ConfigError(f"redis.call_timeout_ms must be at least 1, got {config.redis.call_timeout_ms}")
     if d.peer_lease_seconds < 1 or d.answer_timeout_seconds <= 0:
@@ -242,6 +251,8 @@ def _check(config: Config) -> None:
         raise ConfigError("charging.supervision_interval_seconds must be positive")
     if c.ratecard_reload_seconds <= 0:
         raise ConfigError("charging.ratecard_reload_seconds must be positive")
+    if not 1 <= c.charging_horizon_seconds <= 7 * 86_400:
+        raise ConfigError("charging.charging_horizon_seconds must be 1..604800 (7 days)")
     o = config.overload
     if not 1 <= o.new_sessions_max_in_flight <= o.max_in_flight:
         raise ConfigError("overload.new_sessions_max_in_flight must be 1..overload.max_in_flight")

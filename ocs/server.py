@@ -29,12 +29,13 @@ from ocs.charging import CreditControl
 from ocs.clock import Clock
 from ocs.config import Config, ConfigError
 from ocs.metrics import REQUEST_TYPES, Metrics
+from ocs.ratecard_store import active_card_files, load_active_rater
 from ocs.routing import ABORT, REAUTH, Router, ServerRequestResult, reauth_subscriber
 from ocs.supervision import Supervisor, validity_times
 from protocol.codec import Message
 from protocol.peer import PeerSettings
 from protocol.transport import DiameterServer
-from ratecards import compile_ratecard, load_ratecard
+from ratecards import RateCardError, Rater, compile_ratecard, load_ratecard
 from ratecards.schedule import RatingSchedule
 
 log = logging.getLogger("ocs.server")
@@ -48,31 +49,13 @@ def embedded_url_file(config: Config) -> Path:
     return Path(config.data_dir) / "valkey" / "url"
 
 
-def refuse_unsupported_pricing(card, plans: dict[str, dict[int, RatingSchedule]], source: str) -> None:
-    """Online charging applies one schedule per plan × rating group with the spine's pricing; a card using
-    tariffs (bands, zones, destinations) or extended pricing (setup fee, tiers, caps, ...) would be charged
-    less online than it says, so the server refuses it until the charge path applies them."""
-    from ratecards.pricing import is_extended
-
-    for plan_name, plan in card.plans.items():
-        for rate in plan.rates:
-            if rate.tariffs:
-                raise ConfigError(f"{source}: plans.{plan_name} rating group {rate.rating_group} uses tariffs, "
-                                  "which online charging does not apply yet; only `ocs rate` quotes them")
-        for rg, schedule in plans.get(plan_name, {}).items():
-            if is_extended(schedule):
-                raise ConfigError(f"{source}: plans.{plan_name} rating group {rg} uses extended pricing (setup fee, "
-                                  "tiers, caps, first increment, minimum, free units), which online charging does "
-                                  "not apply yet")
-
-
 def compiled_plans(config: Config) -> tuple[dict[str, dict[int, RatingSchedule]], dict[str, int]]:
-    """Rate card → schedules per plan × rating group, with the configured default-quota overrides."""
+    """The configured rate card's own schedules per plan × rating group (no tariffs), with the configured
+    default-quota overrides: what a test expects a plain request to be rated with."""
     import msgspec
 
     card = load_ratecard(config.charging.ratecard)
     plans = compile_ratecard(card)
-    refuse_unsupported_pricing(card, plans, config.charging.ratecard)
     overrides = {
         "bytes": config.charging.default_quota_bytes,
         "seconds": config.charging.default_quota_seconds,
@@ -91,6 +74,44 @@ def compiled_plans(config: Config) -> tuple[dict[str, dict[int, RatingSchedule]]
         if getattr(plan, "default_rating_group", None) is not None
     }
     return plans, defaults
+
+
+def default_quotas(config: Config) -> dict[str, int]:
+    """The configured default-grant overrides per unit (0 = the rate card's)."""
+    c = config.charging
+    return {"bytes": c.default_quota_bytes, "seconds": c.default_quota_seconds, "events": c.default_quota_events}
+
+
+def load_rater(config: Config) -> Rater:
+    """The active rate-card versions (ocs.ratecard_store) compiled; ConfigError when they are not a card."""
+    try:
+        return load_active_rater(config)
+    except (RateCardError, OSError) as exc:
+        raise ConfigError(f"rate card: {exc}") from None
+
+
+def rating_validity(rater: Rater) -> dict[str, dict[str, int]]:
+    """Plan → {rating group: the longest Validity-Time any version or tariff gives it}, for the Tcc rule."""
+    longest: dict[str, dict[int, RatingSchedule]] = {}
+    for plan, group, schedule in rater.schedules():
+        known = longest.setdefault(plan, {}).get(group)
+        if known is None or max(schedule.validity_time, schedule.final_validity_time) > max(
+                known.validity_time, known.final_validity_time):
+            longest[plan][group] = schedule
+    return validity_times(longest)
+
+
+def _card_files_signature(config: Config) -> tuple:
+    """What changes when a version is installed (or the configured card edited): names, sizes, mtimes."""
+    signature = []
+    for path in active_card_files(config):
+        try:
+            stat = path.stat()
+        except OSError:
+            signature.append((str(path), None, None))
+        else:
+            signature.append((str(path), stat.st_size, stat.st_mtime_ns))
+    return tuple(signature)
 
 
 class RedisHandle:
@@ -148,6 +169,8 @@ class ServerApp:
         self._cdr_stop = asyncio.Event()
         self._cdr_task: asyncio.Task | None = None
         self._gauge_task: asyncio.Task | None = None
+        self._ratecard_task: asyncio.Task | None = None
+        self._ratecard_signature: tuple = ()
         self._stopped = asyncio.Event()
         self.router: Router | None = None
         self.supervisor: Supervisor | None = None
@@ -155,6 +178,9 @@ class ServerApp:
         self._supervision_task: asyncio.Task | None = None
         self._restarts: set[tuple[str, int]] = set()  # (peer, new Origin-State-Id) already handled
         self._tasks: set[asyncio.Task] = set()
+        # set by an `ocs serve --workers N` worker (ocs.workers): share the port, one Origin-State-Id for all
+        self.reuse_port = False
+        self.origin_state_id: int | None = None
 
     @property
     def port(self) -> int:
@@ -164,16 +190,20 @@ class ServerApp:
     async def start(self) -> None:
         url = self.redis.start()
         self.store = await BalanceStore.connect(url, partitions=self.config.redis.partitions,
-                                                call_timeout=self.config.redis.call_timeout_ms / 1000)
-        await warn_if_unsafe(self.store.redis)
-        plans, defaults = compiled_plans(self.config)
+                                                call_timeout=self.config.redis.call_timeout_ms / 1000,
+                                                cluster=self.config.redis.cluster)
+        for client in await self.store.primary_clients():  # every primary of a cluster
+            await warn_if_unsafe(client)
+        self._ratecard_signature = _card_files_signature(self.config)
+        rater = load_rater(self.config)
         d = self.config.diameter
         self.credit_control = CreditControl(
             origin_host=d.origin_host,
             origin_realm=d.origin_realm,
             store=self.store,
-            plans=plans,
-            default_rating_groups=defaults,
+            rater=rater,
+            default_quotas=default_quotas(self.config),
+            charging_horizon=self.config.charging.charging_horizon_seconds,
             clock=self.clock,
             metrics=self.metrics,
             unknown_session_termination_result=d.unknown_session_termination_result,
@@ -181,15 +211,17 @@ class ServerApp:
             accept_unknown_service_context=self.config.charging.accept_unknown_service_context,
             failure_handling=self.config.failure_handling,
         )
-        self.supervisor = Supervisor(self.store, self.clock, self.config.charging, validity_times(plans),
+        self.supervisor = Supervisor(self.store, self.clock, self.config.charging, rating_validity(rater),
                                      self.metrics)
+        self._ratecard_task = asyncio.get_running_loop().create_task(self._reload_ratecards())
         settings = PeerSettings(
             origin_host=d.origin_host,
             origin_realm=d.origin_realm,
             host_ip_addresses=tuple(d.host_ip_addresses),
             vendor_id=d.vendor_id,
             product_name=d.product_name,
-            origin_state_id=self.clock.now_ms() // 1000 & 0xFFFFFFFF,
+            origin_state_id=self.origin_state_id if self.origin_state_id is not None
+            else self.clock.now_ms() // 1000 & 0xFFFFFFFF,
             advertise_vendor_specific_application=d.advertise_vendor_specific_application,
             allowed_peers=tuple(d.allowed_peers) if d.allowed_peers is not None else None,
             watchdog_seconds=d.watchdog_seconds,
@@ -198,7 +230,7 @@ class ServerApp:
             unknown_mandatory_vendor_allowlist=frozenset(d.unknown_mandatory_vendor_allowlist),
         )
         self.diameter = DiameterServer(settings, self)
-        await self.diameter.start(d.listen_host, d.port)
+        await self.diameter.start(d.listen_host, d.port, reuse_port=self.reuse_port)
         self.router = Router(self.store, origin_host=d.origin_host, origin_realm=d.origin_realm,
                              peers=lambda: self.diameter.peers if self.diameter is not None else [],
                              clock=self.clock, lease_seconds=d.peer_lease_seconds,
@@ -228,6 +260,28 @@ class ServerApp:
             lease_ms=self.config.cdr.lease_ms,
         )
         self._cdr_task = asyncio.get_running_loop().create_task(self.cdr_writer.run(self._cdr_stop))
+
+    async def _reload_ratecards(self) -> None:
+        """Hot reload: every charging.ratecard_reload_seconds, when the active version files changed, compile
+        them again and rate with them from the next request on (a version installed with `ocs ratecard load`
+        takes effect at least one interval later, so every process has it in time). A card that does not
+        compile is logged and the one in use kept."""
+        while True:
+            await asyncio.sleep(self.config.charging.ratecard_reload_seconds)
+            try:
+                signature = await asyncio.to_thread(_card_files_signature, self.config)
+                if signature == self._ratecard_signature:
+                    continue
+                self._ratecard_signature = signature  # a card that fails is reported once, not every interval
+                rater = await asyncio.to_thread(load_rater, self.config)
+            except Exception as exc:
+                log.error("rate card reload failed, still rating with the previous one: %s", exc)
+                continue
+            if self.credit_control is not None:
+                self.credit_control.set_rater(rater)
+            if self.supervisor is not None:
+                self.supervisor.set_validity(rating_validity(rater))
+            log.info("rate card reloaded: versions %s", ", ".join(card.version for card in rater.cards))
 
     async def _update_gauges(self) -> None:
         assert self.store is not None
@@ -259,6 +313,8 @@ class ServerApp:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._gauge_task is not None:
             self._gauge_task.cancel()
+        if self._ratecard_task is not None:
+            self._ratecard_task.cancel()
         if self._cdr_task is not None:
             self._cdr_stop.set()
             try:

@@ -34,6 +34,7 @@ from ratecards.model import (
     ROUNDING_MODES,
     TRIGGER_TYPES,
     UNIT_KINDS,
+    FairUsage,
     Plan,
     Rate,
     RateCard,
@@ -315,7 +316,7 @@ _QUOTA_KEYS = {
 # extended pricing keys of a rate, with their defaults (meaningless outside credit control)
 _PRICING_DEFAULTS = {
     "first_increment": None, "setup_fee": None, "minimum_charge": None, "free_units": 0, "tiers": [],
-    "cap": None, "scope": "report", "tariffs": [],
+    "cap": None, "scope": "report", "tariffs": [], "requires_bundle": False, "fair_usage": None,
 }
 # keys a tariff may override (everything that decides the price, and barred)
 TARIFF_PRICE_KEYS = ("price", "per", "increment", "first_increment", "setup_fee", "minimum_charge", "free_units",
@@ -412,6 +413,8 @@ def _quota_control(rate: Rate, at: Path_, also: tuple[tuple[str, int, int], ...]
         volume_quota_threshold=rate.volume_quota_threshold, unit_quota_threshold=rate.unit_quota_threshold,
         quota_holding_time=rate.quota_holding_time, triggers=triggers,
     )
+    if rate.fair_usage is not None:
+        fields.update(_fair_usage(rate.fair_usage, (*at, "fair_usage")))
     if rate.final_unit_action not in FINAL_UNIT_ACTIONS:
         raise _Invalid((*at, "final_unit_action"),
                        f"must be one of {', '.join(FINAL_UNIT_ACTIONS)}, got {rate.final_unit_action!r}")
@@ -438,13 +441,37 @@ def _quota_control(rate: Rate, at: Path_, also: tuple[tuple[str, int, int], ...]
         key = "filter_id" if filters else "restriction_filter_rule"
         raise _Invalid((*at, key), 'is only used with final_unit_action = "RESTRICT_ACCESS"')
     final_validity = rate.final_validity_time if rate.final_validity_time is not None else rate.validity_time
-    if action == TERMINATE and rate.final_validity_time is not None:
-        raise _Invalid((*at, "final_validity_time"), "is only used with REDIRECT or RESTRICT_ACCESS")
-    if action != TERMINATE and not final_validity:
-        raise _Invalid((*at, "final_unit_action"), f"{rate.final_unit_action} needs validity_time or "
-                       "final_validity_time: how long the gateway keeps the user there before it asks again")
-    fields["final_validity_time"] = final_validity if action != TERMINATE else 0
+    restricts = action != TERMINATE or rate.fair_usage is not None
+    if not restricts and rate.final_validity_time is not None:
+        raise _Invalid((*at, "final_validity_time"), "is only used with REDIRECT, RESTRICT_ACCESS or fair_usage")
+    if restricts and not final_validity:
+        what = rate.final_unit_action if action != TERMINATE else "fair_usage"
+        raise _Invalid((*at, "final_unit_action" if action != TERMINATE else "fair_usage"), f"{what} needs "
+                       "validity_time or final_validity_time: how long the gateway keeps the user there before "
+                       "it asks again")
+    fields["final_validity_time"] = final_validity if restricts else 0
     return fields
+
+
+def _fair_usage(policy: FairUsage, at: Path_) -> dict[str, Any]:
+    """The fair_usage_* fields of a schedule: units per period and what the gateway restricts to after."""
+    if not 0 < policy.units < EXACT_LIMIT:
+        raise _Invalid((*at, "units"), f"must be a positive number of units below 2^53, got {policy.units}")
+    if policy.period not in PERIODS:
+        raise _Invalid((*at, "period"), f"must be one of {', '.join(PERIODS)}, got {policy.period!r}")
+    filters, rules = _strings(policy.filter_id), _strings(policy.restriction_filter_rule)
+    if not filters and not rules:
+        raise _Invalid(at, "needs filter_id and/or restriction_filter_rule: what the gateway lets through (or "
+                       "how it throttles) once the units of the period are used")
+    for index, name in enumerate(filters):
+        if not name.strip():
+            raise _Invalid((*at, "filter_id"), f"filter id {index} is empty")
+    for rule in rules:
+        if not _IP_FILTER_RULE.match(rule.strip()):
+            raise _Invalid((*at, "restriction_filter_rule"), f"{rule!r} is not an IPFilterRule such as "
+                           "\"permit out ip from any to 10.0.0.1\" (RFC 6733 §4.3)")
+    return dict(fair_usage_units=policy.units, fair_usage_period=policy.period, fair_usage_filter_ids=filters,
+                fair_usage_restriction_filter_rules=tuple(r.strip() for r in rules))
 
 
 def _redirect(rate: Rate, at: Path_) -> dict[str, Any]:
@@ -526,6 +553,7 @@ def _compile_rate(card: RateCard, rate: Rate, at: Path_, allowances: tuple[str, 
         version=card.version,
         also_grant=also,
         barred=rate.barred,
+        requires_bucket=rate.requires_bundle,
         **extended,
         **_quota_control(rate, at, also),
     )

@@ -91,6 +91,18 @@ class GrantLimit(msgspec.Struct, forbid_unknown_fields=True):
     max: int
 
 
+class FairUsage(msgspec.Struct, forbid_unknown_fields=True):
+    """A fair-usage policy of a rating group: after `units` units in a `period` (day / week / month in the
+    card's time zone; every unit used, from allowances or money), grants stop there and the gateway is told to
+    restrict the user (Final-Unit-Action RESTRICT_ACCESS with these Filter-Ids / Restriction-Filter-Rules,
+    e.g. a throttling policy) until the next period."""
+
+    units: int
+    period: str = "month"
+    filter_id: str | list[str] | None = None
+    restriction_filter_rule: str | list[str] | None = None
+
+
 class Tier(msgspec.Struct, forbid_unknown_fields=True):
     """A graduated price step: from `from` units of the scope on, usage costs `price` per `per` units."""
 
@@ -155,6 +167,10 @@ class Rate(msgspec.Struct, forbid_unknown_fields=True):
     restriction_filter_rule: str | list[str] | None = None  # RESTRICT_ACCESS
     credit_control: bool = True  # false: free, answered 4011 without quota, usage recorded at amount 0
     barred: bool = False  # true: answered 4010, no grant; reported usage is still charged
+    # true: served only from an allowance bucket (a bundle or add-on); without one left, a request for units
+    # is answered 5030 in its MSCC with the final_unit_action (e.g. REDIRECT to the shop), never from money
+    requires_bundle: bool = False
+    fair_usage: FairUsage | None = None  # throttle / restrict after so many units per period
     # ---- extended pricing (all optional) ----
     first_increment: int | None = None  # units of the first increment: 30/6 voice is first_increment = 30,
     #                                     increment = 6; a multiple of increment

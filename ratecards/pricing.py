@@ -19,7 +19,11 @@ Spine schedules (no extended field set; what common.lua does today, unchanged):
 A Lua mirror dividing doubles must correct the quotient (q = floor(a / b); fix q while q × b > a or
 (q + 1) × b ≤ a), because a / b of two exact doubles can round up to the next integer.
 
-======================================== WHAT THE CHARGE SCRIPT MUST MIRROR ========================================
+======================================== WHAT THE CHARGE SCRIPT MIRRORS ===========================================
+All of items 1-8 below are mirrored by balances/lua/common.lua (price_count, raw_for_increments,
+cumulative_amount, charge_for_usage, view_affordable, commit_part / plan_grant for item 6, the counters and
+views for item 7, check_extended for item 8) and applied by charge.lua and event.lua; tests/test_lua_pricing.py
+checks the Lua against these functions with random schedules and usage splits.
 Extended schedules (`is_extended(s)`: any of first_increment, setup_fee, minimum_charge, free_units, tiers, cap
 set, or scope ≠ "report") are priced by the functions below. To port them into common.lua:
 

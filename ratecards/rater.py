@@ -355,6 +355,42 @@ class Rater:
         """The destination group of a called number in the version in force at `at`."""
         return self._version_at(_epoch(at))[0].destination_of(address)
 
+    # ---- what online charging reads once per (re)load ----
+
+    def keys_used(self, plan: str) -> frozenset[str]:
+        """The request keys any version's tariffs of `plan` select by ("zone", "destination", "context",
+        "service_identifier"): the others need not be read from a request (nor memoised apart)."""
+        used: set[str] = set()
+        for version in self._versions:
+            for (name, _group), rate in version.rates.items():
+                if name == plan:
+                    used.update(key for key, flag in (("zone", rate.uses_zone), ("destination", rate.uses_destination),
+                                                      ("context", rate.uses_context),
+                                                      ("service_identifier", rate.uses_sid)) if flag)
+        return frozenset(used)
+
+    def schedules(self) -> list[tuple[str, int, RatingSchedule]]:
+        """Every schedule of every version (each rate's own and its tariffs'), as (plan, rating group, schedule)."""
+        found = []
+        for version in self._versions:
+            for (plan, group), rate in version.rates.items():
+                found.append((plan, group, rate.base))
+                found.extend((plan, group, variant[-1]) for variant in rate.variants)
+        return found
+
+    def default_rating_groups(self) -> dict[str, int]:
+        """Plan → the rating group of command-level units (the newest version's default_rating_group, else
+        its lowest rating group)."""
+        defaults: dict[str, int] = {}
+        for version in self._versions:
+            for name, plan in version.card.plans.items():
+                groups = [group for (plan_name, group) in version.rates if plan_name == name]
+                if plan.default_rating_group is not None:
+                    defaults[name] = plan.default_rating_group
+                elif groups:
+                    defaults[name] = min(groups)
+        return defaults
+
     # ---- price enquiry ----
 
     def quote(self, plan: str, rating_group: int, units: int, *, at: datetime | float,

@@ -713,3 +713,90 @@ async def test_mscc_reporting_nothing_and_asking_nothing_keeps_the_reservation(s
     assert await buckets(store, at.msisdn) == before == {"money": (1_000_000, CENT)}
     [session] = await store.open_sessions()
     assert session["reservations"] == {10: {"granted": 10_240, "buckets": {"money": CENT}}}
+
+
+# ---- bundles only (requires_bucket) and fair usage ------------------------------------------------------------
+
+def granted_bytes(m: Any) -> int:
+    return m.granted.total if m.granted else 0
+
+
+async def test_rating_group_served_only_from_a_bundle_is_5030_in_its_mscc_without_one(store):
+    bundle = schedule(requires_bucket=True, final_unit_action=1)
+    other = schedule(rating_group=11, allowances=())
+    at = await subscriber(store, "491709000001", 1_000_000)
+    outcome = await store.charge(ccr(at, "rb1", INITIAL, 0, [mscc(bundle), mscc(other)]))
+    assert outcome.result_code == 2001
+    [m, o] = outcome.msccs
+    assert (m.result_code, m.granted, m.final_unit_action, m.reserved) == (5030, None, 1, 0)
+    assert (o.result_code, granted_bytes(o)) == (2001, 10_240)
+    # usage reported in that rating group is still charged from money; the session stays open
+    outcome = await store.charge(ccr(at, "rb1", UPDATE, 1, [mscc(bundle, used=Units(total=2_048))]))
+    [m] = outcome.msccs
+    assert (m.result_code, m.amount, m.final_unit_action) == (5030, amount_for_units(bundle, 2_048), 1)
+    assert await buckets(store, at.msisdn) == {"money": (1_000_000 - CENT, CENT)}
+
+
+async def test_rating_group_served_only_from_a_bundle_grants_only_the_bundle(store):
+    bundle = schedule(requires_bucket=True, final_unit_action=1)
+    at = await subscriber(store, "491709000002", 1_000_000, {"data": 4_000})
+    outcome = await store.charge(ccr(at, "rb2", INITIAL, 0, [mscc(bundle)]))
+    [m] = outcome.msccs
+    assert (m.result_code, granted_bytes(m), m.final_unit_action, m.reserved) == (2001, 4_000, 1, 4_000)
+    # the final units are reported: the redirect; then a new request finds no bundle: 5030
+    outcome = await store.charge(ccr(at, "rb2", UPDATE, 1, [mscc(bundle, used=Units(total=4_000),
+                                                                 requested=False)]))
+    assert (outcome.msccs[0].result_code, outcome.msccs[0].final_unit_action) == (2001, 1)
+    outcome = await store.charge(ccr(at, "rb2", UPDATE, 2, [mscc(bundle)]))
+    assert (outcome.msccs[0].result_code, outcome.msccs[0].granted, outcome.msccs[0].final_unit_action) == (
+        5030, None, 1)
+    assert await buckets(store, at.msisdn) == {"money": (1_000_000, 0), "data": (0, 0)}
+
+
+async def test_fair_usage_cuts_the_grant_restricts_and_grants_again_next_period(store):
+    s = schedule(final_unit_action=0, fair_usage_units=20_000, fair_usage_period="month")
+    at = await subscriber(store, "491709000003", 10**9, {"data": 5_000})
+
+    def fu(number: int, month: str = "2023-11", **extra: Any) -> ChargeRequest:
+        return ccr(at, "fu", INITIAL if number == 0 else UPDATE, number, [mscc(s, periods={"month": month},
+                                                                               **extra)])
+
+    [m] = (await store.charge(fu(0))).msccs
+    assert (granted_bytes(m), m.final_unit_action, m.fair_usage) == (10_240, None, False)
+    # 10240 used (5000 of them from the allowance: every unit counts): 9760 left this month
+    [m] = (await store.charge(fu(1, used=Units(total=10_240)))).msccs
+    assert (granted_bytes(m), m.final_unit_action, m.fair_usage) == (9_760, 2, True)
+    record = msgspec.json.decode(await store.redis.hget(k.ses_key(at.partition, "fu"), "r:10"))
+    assert (record["f"], record["w"]) == (1, 1)
+    # the final units are reported: restricted, no grant
+    [m] = (await store.charge(fu(2, used=Units(total=9_760), requested=False))).msccs
+    assert (m.result_code, m.granted, m.final_unit_action, m.fair_usage) == (2001, None, 2, True)
+    # asking again in the same month: still restricted
+    [m] = (await store.charge(fu(3))).msccs
+    assert (m.result_code, m.granted, m.final_unit_action, m.fair_usage) == (2001, None, 2, True)
+    # an MSCC with neither USU nor RSU while restricted asks again too
+    [m] = (await store.charge(fu(4, requested=False))).msccs
+    assert (m.granted, m.final_unit_action, m.fair_usage) == (None, 2, True)
+    # next month: granted again
+    [m] = (await store.charge(fu(5, month="2023-12"))).msccs
+    assert (granted_bytes(m), m.final_unit_action, m.fair_usage) == (10_240, None, False)
+    counters = await store.redis.hgetall(k.usage_counters_key(at.partition, at.msisdn))
+    assert counters == {b"10:fu:2023-11": b"20000"}  # the new month's counter is written by its first usage
+
+
+async def test_event_of_a_bundle_only_rating_group(store):
+    bundle = schedule(requires_bucket=True, final_unit_action=1)
+    at = await subscriber(store, "491709000004", 1_000_000, {"data": 3_000})
+
+    async def event(number: int, units: int) -> Any:
+        request = ccr(at, f"rbe{number}", EVENT, 0, [mscc(bundle, requested_units=Units(total=units))],
+                      requested_action=DIRECT_DEBITING)
+        return (await store.charge(request)).msccs[0]
+
+    first = await event(1, 2_000)
+    assert (first.result_code, first.amount, first.granted) == (2001, 0, Units(total=2_000))
+    assert (await event(2, 2_000)).result_code == 4012  # the bundle does not cover it; never from money
+    assert (await event(3, 1_000)).result_code == 2001
+    last = await event(4, 1)
+    assert (last.result_code, last.final_unit_action) == (5030, 1)
+    assert await buckets(store, at.msisdn) == {"money": (1_000_000, 0), "data": (0, 0)}

@@ -68,15 +68,3 @@ def test_session_and_overload_settings_are_checked():
                 {"OCS_REDIS__CALL_TIMEOUT_MS": "0"}, {"OCS_OVERLOAD__NEW_SESSIONS_MAX_IN_FLIGHT": "9000"}):
         with pytest.raises(ConfigError):
             load_config(None, environ=bad)
-
-
-def test_server_refuses_a_card_it_would_undercharge(tmp_path):
-    """Tariffs and extended pricing are quoted by `ocs rate` but not applied online yet: refuse at start."""
-    from pathlib import Path
-
-    from ocs.server import compiled_plans
-
-    card = Path(__file__).resolve().parents[1] / "examples" / "ratecard-full.toml"
-    config = load_config(None, environ={"OCS_RATECARD": str(card), "OCS_DATA_DIR": str(tmp_path)})
-    with pytest.raises(ConfigError, match="not apply yet"):
-        compiled_plans(config)

@@ -221,6 +221,41 @@ def test_restrict_access_and_empty_trigger_list() -> None:
     assert s.triggers == () and s.barred
 
 
+def test_requires_bundle_and_fair_usage_compile_into_the_schedule() -> None:
+    card = parse_ratecard(with_keys(
+        "requires_bundle = true", "validity_time = 600",
+        'fair_usage = { units = 5368709120, period = "month", filter_id = "throttle-1mbps", '
+        'restriction_filter_rule = "permit out ip from any to 10.9.9.9" }'))
+    s = compile_plan(card, "basic")[1]
+    assert s.requires_bucket
+    assert (s.fair_usage_units, s.fair_usage_period, s.fair_usage_filter_ids) == (5368709120, "month",
+                                                                                  ("throttle-1mbps",))
+    assert s.fair_usage_restriction_filter_rules == ("permit out ip from any to 10.9.9.9",)
+    assert (s.final_unit_action, s.final_validity_time) == (0, 600)  # the restricted state's Validity-Time
+    plain = compile_plan(parse_ratecard(small()), "basic")[1]
+    assert not plain.requires_bucket and plain.fair_usage_units == 0
+
+
+@pytest.mark.parametrize(
+    "lines, field, words",
+    [
+        (['fair_usage = { units = 0, filter_id = "t" }', "validity_time = 60"], "fair_usage.units", "positive"),
+        (['fair_usage = { units = 10, period = "year", filter_id = "t" }', "validity_time = 60"],
+         "fair_usage.period", "day, week, month"),
+        (["fair_usage = { units = 10 }", "validity_time = 60"], "fair_usage", "filter_id"),
+        (['fair_usage = { units = 10, restriction_filter_rule = "slow" }', "validity_time = 60"],
+         "fair_usage.restriction_filter_rule", "IPFilterRule"),
+        (['fair_usage = { units = 10, filter_id = "t", limit = 3 }'], "fair_usage", "limit"),
+        (['fair_usage = { units = 10, filter_id = "t" }'], "fair_usage", "validity_time"),
+        (["credit_control = false", "requires_bundle = true"], "requires_bundle", "no effect"),
+    ],
+)
+def test_bad_fair_usage_and_bundle_keys_name_the_key(lines: list[str], field: str, words: str) -> None:
+    err = error_of(with_keys(*lines))
+    assert err.field is not None and err.field.startswith(f"plans.basic.rates[0].{field}"), str(err)
+    assert words in str(err), str(err)
+
+
 def test_rate_outside_credit_control_needs_no_price() -> None:
     text = SMALL.split("  price =")[0] + "  credit_control = false\n"
     s = compile_plan(parse_ratecard(text), "basic")[1]

@@ -2,7 +2,8 @@
 --
 -- KEYS[1] sub:{p}:<msisdn>   KEYS[2] bal:{p}:<msisdn>   KEYS[3] ses:{p}:<session-id>
 -- KEYS[4] open:{p}           KEYS[5] cdr:{p}            KEYS[6] ledger:{p}
--- KEYS[7] bexp:{p}           [KEYS[8] grp:{p}:<group>, when the request names the subscriber's group]
+-- KEYS[7] bexp:{p}           KEYS[8] use:{p}:<msisdn>   KEYS[9] sched:{p}
+-- [KEYS[10] grp:{p}:<group>, when the request names the subscriber's group]
 -- ARGV[1] the ChargeRequest as JSON
 -- Returns a ChargeOutcome as JSON.
 --
@@ -47,13 +48,37 @@
 --  * command_level (a plain RFC 4006 client, units outside MSCC): the one MSCC's result is the command's,
 --    and a command-level failure closes the session (RFC 4006 §7: CCR-I/U not successfully processed).
 --  * A stale plan is answered with stale_plan set and result 5012 (in case a caller ignores stale_plan).
+--  * Pricing: spine schedules as before (common.lua price_units); extended ones (first increment, setup fee,
+--    minimum charge, free units, tiers, cap, scope) by ratecards/pricing.py's functions, mirrored in
+--    common.lua. Allowances are taken first; only units priced in money advance the scope / cap counters
+--    (use:{p}:<msisdn> per period key from MsccCharge.periods; scope "session": "c" in the reservation).
+--  * The reservation r:<rg> is {"u": units, "b": {ref: held}, "f": final-units state, "w": 1 when f comes
+--    from fair usage, "c": session-scope units (kept without a grant too), "s": id of the schedule it was
+--    granted with, "p": its period keys, and when the MSCC carried a Tariff-Time-Change "t": the change
+--    (ms), "n" / "q": the next schedule id and its period keys}. Schedules are filed by id in sched:{p}
+--    (HSET whenever a reservation written names one; content-addressed, so never stale).
+--  * Tariff-Time-Change: a grant with tariff_change_ms is held at the dearer of the two schedules (the units
+--    both afford, at the higher charge) and answered with tariff_change_ms (only when units are granted).
+--    Usage is rated with the reservation's schedules: used_before with "s", used_after with "n",
+--    used_indeterminate at the dearer, `used` with "s" unless it is reported at or after "t" (then the
+--    dearer); each part counts in its own periods. Without a reservation naming a schedule on file, the
+--    request's schedule rates it. One CDR record per MSCC as before (usage = the parts summed, amount and
+--    bucket the totals, so the ledger and `ocs audit` see one record); when usage is split or rated at the
+--    dearer it lists "tariffParts": [{tariffChangeUsage, usage, amount, tariff, ratingVersion}].
+--  * requires_bucket: a request for units that no live allowance with units left serves is answered 5030 in
+--    its MSCC with final_unit_action = the schedule's, nothing granted or held; with a bundle, only the
+--    bundle is granted (never money). Reported usage is charged as always; the session stays open.
+--  * Fair usage (fair_usage_units per fair_usage_period, every unit used counted in use:{p}): a grant
+--    stops at the period's limit; a grant cut there carries final_unit_action 2 (RESTRICT_ACCESS) and
+--    fair_usage, and the final-units flow above follows (f 1, then f 2 with "w") until a request for units
+--    finds room again (the next period).
 
 local WINDOW = 32
 local RESTRICTED = '{"u":0,"b":{},"f":2}' -- a rating group whose final units are used (no units held)
 local CLOSED_TTL_MS = 86400000 -- a closed session keeps its stored answers for a day
 
 local sub_key, bal_key, ses_key, open_key, cdr_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local ledger_key, bexp_key, grp_key = KEYS[6], KEYS[7], KEYS[8]
+local ledger_key, bexp_key, use_key, sched_key, grp_key = KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]
 local req = decode(ARGV[1])
 
 local rtype = req.request_type
@@ -150,70 +175,195 @@ for i in ipairs(req.msccs) do
     existed[field] = ses[FIXED + i] ~= false
   end
 end
+local cs = counters(use_key) -- use:{p}:<msisdn>, read on first use
+local filed = {} -- schedule id -> JSON to file under sched:{p} (named by a reservation written now)
+local known = {} -- schedule id -> decoded schedule (false: not on file)
+for _, m in ipairs(req.msccs) do
+  if m.schedule.id then known[m.schedule.id] = m.schedule end
+  if m.next_schedule and m.next_schedule.id then known[m.next_schedule.id] = m.next_schedule end
+end
+-- the schedule a reservation names: the request's own, or the one filed under sched:{p}; nil when unknown
+local function schedule_by_id(id)
+  if type(id) ~= 'string' then
+    return nil
+  end
+  local s = known[id]
+  if s == nil then
+    local raw = call('HGET', sched_key, id)
+    s = false
+    if raw then
+      s = decode(raw)
+      if check_schedule(s) then s = false end
+    end
+    known[id] = s
+  end
+  return s or nil
+end
+-- files a schedule a new reservation names, unless the reservation it replaces named it (then it is on file)
+local function file_schedule(s, r)
+  if s.id and not filed[s.id] and not (r and (r.s == s.id or r.n == s.id)) then
+    filed[s.id] = jval(s)
+  end
+end
+local PART_NAMES = { 'used', 'before', 'after', 'indeterminate' }
+
 local outcomes = {}
 for i, m in ipairs(req.msccs) do
   local s = m.schedule
-  local o = { rating_group = m.rating_group, service_id = m.service_id, result_code = 2001, amount = 0,
-    reserved = 0 }
+  local rg = m.rating_group
+  local o = { rating_group = rg, service_id = m.service_id, result_code = 2001, amount = 0, reserved = 0 }
   local field = wanted[FIXED + i]
   local used = present(m.used)
+  local split = present(m.used_before) or present(m.used_after) or present(m.used_indeterminate)
+  local reports = used or split
   local held = reservations[field]
   -- an MSCC that reports nothing and asks for nothing leaves its reservation alone (the gateway still holds
   -- those units), unless the rating group is restricted: then it asks again (RFC 4006 §5.6.3)
-  local idle = held and not used and not m.requested and rtype ~= 3 and not string.find(held, '"f":2', 1, true)
+  local idle = held and not reports and not m.requested and rtype ~= 3
+    and not string.find(held, '"f":2', 1, true)
   -- (a) the old reservation goes back first: the used units are paid out of it
-  local state, was = 0, nil -- final-units state of the rating group (see release in common.lua), what it held
+  local state, was, r = 0, nil, nil -- final-units state (see release in common.lua), what it held, the record
   if held and not idle then
-    state, was = release(p, held)
+    state, was, r = release(p, held)
     reservations[field] = false
   end
-  local src = sources(p, s, m.rating_group, now, was)
+  local sess = { c = (r and present(r.c)) and r.c or 0 } -- units of a session-scope schedule so far
+  local fair = r ~= nil and r.w == 1 -- the final-units state comes from the fair-usage policy
+  local src = sources(p, s, rg, now, was)
   if src.grace then
     expired_held = true -- what an expired bucket held is back: what usage does not take expires below
   end
-  -- (b) used units
-  if used then
-    local amount, taken = commit_usage(p, s, src, units_in(s.unit, m.used) or 0)
+  -- (b) used units, rated with the schedule of the grant they were used under (r.s), the part after a
+  -- Tariff-Time-Change (r.t) with the next one (r.n), UNIT_INDETERMINATE and usage without
+  -- Tariff-Change-Usage reported after the change at the dearer; without a stored one, the request's
+  if reports then
+    local gs, gp, after = s, m.periods, nil
+    local gone = r and schedule_by_id(r.s)
+    if gone then
+      gs, gp = gone, present(r.p) and r.p or m.periods
+    end
+    local g = view_of(gs, gp, rg, cs, sess)
+    local change = gone and present(r.t) and r.t or nil
+    local ns = change and schedule_by_id(r.n)
+    if ns then
+      after = view_of(ns, present(r.q) and r.q or m.periods, rg, cs, sess)
+    elseif gone then
+      after = view_of(s, m.periods, rg, cs, sess)
+    else
+      after = g
+    end
+    local parts = {
+      used and { m.used, (change and now >= change) and { g, after } or { g } } or false,
+      present(m.used_before) and { m.used_before, { g } } or false,
+      present(m.used_after) and { m.used_after, { after } } or false,
+      present(m.used_indeterminate) and { m.used_indeterminate, { g, after } } or false,
+    }
+    local listed = (split or (parts[1] and #parts[1][2] > 1)) and {} or nil -- the record lists the parts
+    local taken, amount, usage, rated = {}, 0, nil, nil
+    for k = 1, 4 do
+      local part = parts[k]
+      if part then
+        local a, v = commit_part(p, part[2], src, units_in(s.unit, part[1]) or 0, taken)
+        amount = amount + a
+        rated = rated or v.s
+        if listed then
+          listed[#listed + 1] = '{"tariffChangeUsage":"' .. PART_NAMES[k] .. '","usage":'
+            .. usage_json(part[1]) .. ',"amount":' .. int(a) .. ',"tariff":' .. encode(v.s.tariff)
+            .. ',"ratingVersion":' .. encode(v.s.version) .. '}'
+        end
+        if not usage then
+          usage = part[1]
+        else -- the record's usage is the sum of the parts
+          local sum = {}
+          for _, key in ipairs(UNIT_FIELDS) do
+            local x, y = usage[key], part[1][key]
+            if present(x) or present(y) then
+              sum[key] = (present(x) and x or 0) + (present(y) and y or 0)
+            end
+          end
+          usage = sum
+        end
+      end
+    end
     o.amount = amount
-    rated_record(cdr_key, 'usage', rec, m, s, m.used, amount, taken)
+    rated_record(cdr_key, 'usage', rec, m, rated, usage, amount, taken,
+      listed and ',"tariffParts":[' .. concat(listed, ',') .. ']')
     if #taken > 0 then
-      debits[#debits + 1] = { m.rating_group, amount, taken }
+      debits[#debits + 1] = { rg, amount, taken }
     end
   end
   -- (c) a new grant
   if rtype ~= 3 and not idle then
     if not s.credit_control then
       o.result_code = 4011
-    elseif m.requested or (state == 2 and not used) then
+    elseif m.requested or (state == 2 and not reports) then
       if not active or s.barred then
         o.result_code = 4010
+      elseif s.requires_bucket and not has_allowance(p, src) then
+        -- served only from a bundle and none is left: 5030 with the final unit action (the shop), no money
+        o.result_code = 5030
+        o.final_unit_action = s.final_unit_action
       else
         local want = units_in(s.unit, m.requested_units)
         if not want or want == 0 then
           want = s.default_quota
         end
         want = math.min(want, s.max_quota)
-        local granted, held, money, allowance_units = plan_grant(p, s, src, want)
+        -- a grant spanning a Tariff-Time-Change is held at the dearer of the two schedules
+        local change = m.tariff_change_ms
+        local views = { view_of(s, m.periods, rg, cs, sess) }
+        if change then
+          views[2] = view_of(m.next_schedule, m.next_periods, rg, cs, sess)
+        end
+        -- fair usage: never past the period's limit
+        local room = fair_usage_room(views)
+        local capped = (room and room < want) and room or want
+        local granted, holding, money, allowance_units = plan_grant(p, views, src, capped, s.requires_bucket)
+        local cut = capped < want and granted == capped -- stopped by the fair-usage limit, not by credit
         if granted == 0 then
-          if s.final_unit_action ~= 0 then
+          if cut then
+            o.final_unit_action, o.fair_usage = 2, true
+            reservations[field] = '{"u":0,"b":{},"f":2,"w":1}'
+          elseif s.final_unit_action ~= 0 then
             o.final_unit_action = s.final_unit_action
             reservations[field] = RESTRICTED
           else
             o.result_code = 4012
           end
         else
-          for _, kv in ipairs(held) do
+          for _, kv in ipairs(holding) do
             hold(p, kv[1], kv[2])
           end
           local flag = ''
-          if granted < want then
+          if cut then
+            o.final_unit_action, o.fair_usage = 2, true
+            flag = ',"f":1,"w":1'
+          elseif granted < want then
             o.final_unit_action = s.final_unit_action
             if s.final_unit_action ~= 0 then
               flag = ',"f":1'
             end
           end
-          reservations[field] = '{"u":' .. int(granted) .. ',"b":' .. buckets_json(held) .. flag .. '}'
+          -- the record: {"u", "b", "f", "w": 1 when fair usage set f, "c": session-scope units, "s": the
+          -- schedule id, "p": its period keys, and with a Tariff-Time-Change "t" (ms), "n", "q": the next
+          -- schedule id and period keys}
+          local extra = ''
+          if s.id then
+            file_schedule(s, r)
+            extra = ',"s":"' .. s.id .. '"'
+            if next(m.periods) then extra = extra .. ',"p":' .. jval(m.periods) end
+            if change and m.next_schedule.id then
+              file_schedule(m.next_schedule, r)
+              extra = extra .. ',"t":' .. int(change) .. ',"n":"' .. m.next_schedule.id .. '"'
+              if next(m.next_periods) then extra = extra .. ',"q":' .. jval(m.next_periods) end
+            end
+          end
+          if sess.c > 0 then
+            extra = extra .. ',"c":' .. int(sess.c)
+          end
+          reservations[field] = '{"u":' .. int(granted) .. ',"b":' .. buckets_json(holding) .. flag .. extra .. '}'
           o.granted = grant_json(s, granted, m.requested_units)
+          o.tariff_change_ms = change
           if money > 0 then
             o.reserved = money
           else
@@ -221,10 +371,24 @@ for i, m in ipairs(req.msccs) do
           end
         end
       end
-    elseif state ~= 0 and s.final_unit_action ~= 0 then
+    elseif state ~= 0 and (s.final_unit_action ~= 0 or fair) then
       -- the final units are used up (or usage came while restricted): no grant, the action again
-      o.final_unit_action = s.final_unit_action
-      reservations[field] = RESTRICTED
+      if fair then
+        o.final_unit_action, o.fair_usage = 2, true
+        reservations[field] = '{"u":0,"b":{},"f":2,"w":1}'
+      else
+        o.final_unit_action = s.final_unit_action
+        reservations[field] = RESTRICTED
+      end
+    end
+  end
+  -- the session-scope count survives the reservation (it is never refunded)
+  if sess.c > 0 and not idle then
+    local value = reservations[field]
+    if not value then
+      reservations[field] = '{"u":0,"b":{},"c":' .. int(sess.c) .. '}'
+    elseif not string.find(value, '"c":', 1, true) then
+      reservations[field] = strsub(value, 1, -2) .. ',"c":' .. int(sess.c) .. '}'
     end
   end
   outcomes[i] = o
@@ -282,6 +446,15 @@ if metadata and (expired_held or closing) then
 end
 wsave(p.own)
 wsave(p.grp)
+counters_save(cs)
+if next(filed) then
+  local set = {}
+  for id, text in pairs(filed) do
+    set[#set + 1] = id
+    set[#set + 1] = text
+  end
+  call('HSET', sched_key, unpack_(set))
+end
 
 -- the answer, stored for duplicates, and the last activity
 local out = outcome_json(result, outcomes, e2e)

@@ -18,13 +18,13 @@
 -- level runs with almost nothing visible, so they cannot be bound at load time. capture() is defined
 -- before the locals that shadow the globals, so its body still names the globals.
 local function capture()
-  return type, ipairs, pairs, tonumber, tostring, unpack, string, math, table, cjson, redis.call
+  return type, ipairs, pairs, tonumber, tostring, unpack, string, math, table, cjson, redis.call, next
 end
-local type, ipairs, pairs, tonumber, tostring, unpack, string, math, table, cjson, call
+local type, ipairs, pairs, tonumber, tostring, unpack, string, math, table, cjson, call, next
 local fmt, floor, min, concat, encode, decode, null, unpack_, byte, strsub
 
 local function bind()
-  type, ipairs, pairs, tonumber, tostring, unpack, string, math, table, cjson, call = capture()
+  type, ipairs, pairs, tonumber, tostring, unpack, string, math, table, cjson, call, next = capture()
   fmt, floor, min, concat = string.format, math.floor, math.min, table.concat
   encode, decode, null, unpack_ = cjson.encode, cjson.decode, cjson.null, unpack
   byte, strsub = string.byte, string.sub
@@ -121,6 +121,12 @@ local function mscc_json(o)
   if o.cost then
     p[#p + 1] = ',"cost":' .. int(o.cost)
   end
+  if o.tariff_change_ms then
+    p[#p + 1] = ',"tariff_change_ms":' .. int(o.tariff_change_ms)
+  end
+  if o.fair_usage then
+    p[#p + 1] = ',"fair_usage":true'
+  end
   p[#p + 1] = '}'
   return concat(p)
 end
@@ -172,6 +178,49 @@ local function non_negative(v)
   return type(v) == 'number' and v >= 0 and v == floor(v)
 end
 
+local SCOPES = { report = true, session = true, day = true, week = true, month = true }
+local EXTENDED_NUMBERS = { 'first_increment', 'setup_fee', 'minimum_charge', 'free_units', 'cap', 'fair_usage_units' }
+local PERIODS = { day = true, week = true, month = true }
+
+-- the extended pricing, fair-usage and requires-bucket fields (ratecards/pricing.py item 8): defaults for
+-- what msgspec omits, checks, and s.ext = true when the extended pricing path applies (pricing.is_extended)
+local function check_extended(s)
+  for _, key in ipairs(EXTENDED_NUMBERS) do
+    local v = s[key]
+    if not present(v) then
+      s[key] = 0
+    elseif not non_negative(v) then
+      return 'schedule ' .. key
+    end
+  end
+  if not present(s.tiers) then s.tiers = {} end
+  if not present(s.scope) then s.scope = 'report' end
+  if not present(s.cap_period) then s.cap_period = '' end
+  if not present(s.fair_usage_period) then s.fair_usage_period = '' end
+  if not present(s.tariff) then s.tariff = '' end
+  if not present(s.requires_bucket) then s.requires_bucket = false end
+  if not present(s.id) then s.id = nil end
+  if type(s.tiers) ~= 'table' or not SCOPES[s.scope] or type(s.tariff) ~= 'string' then
+    return 'schedule tiers, scope or tariff'
+  end
+  local previous = 0
+  for _, t in ipairs(s.tiers) do
+    if type(t) ~= 'table' or not positive(t[1]) or t[1] <= previous or not non_negative(t[2])
+      or not positive(t[3]) then
+      return 'schedule tiers'
+    end
+    previous = t[1]
+  end
+  if s.cap > 0 and not PERIODS[s.cap_period] then return 'schedule cap_period' end
+  if s.fair_usage_units > 0 and not PERIODS[s.fair_usage_period] then return 'schedule fair_usage_period' end
+  if type(s.requires_bucket) ~= 'boolean' or (s.id ~= nil and type(s.id) ~= 'string') then
+    return 'schedule requires_bucket or id'
+  end
+  s.ext = s.first_increment > 0 or s.setup_fee > 0 or s.minimum_charge > 0 or s.free_units > 0 or #s.tiers > 0
+    or s.cap > 0 or s.scope ~= 'report'
+  return nil
+end
+
 -- fills the defaults msgspec omits; an error text for a schedule the functions cannot apply
 local function check_schedule(s)
   if type(s) ~= 'table' then
@@ -206,7 +255,7 @@ local function check_schedule(s)
       return 'schedule also_grant'
     end
   end
-  return nil
+  return check_extended(s)
 end
 
 local function check_units(u)
@@ -218,6 +267,13 @@ local function check_units(u)
     end
   end
   return false
+end
+
+-- the period keys (MsccCharge.periods) a schedule counts over
+local function missing_period(s, periods)
+  return (PERIODS[s.scope] and type(periods[s.scope]) ~= 'string')
+    or (s.cap > 0 and type(periods[s.cap_period]) ~= 'string')
+    or (s.fair_usage_units > 0 and type(periods[s.fair_usage_period]) ~= 'string')
 end
 
 -- checks shared by charge and event requests (fills omitted defaults); an error text or nil
@@ -238,9 +294,30 @@ local function check_request(req)
     if not is_int(m.rating_group) then return 'rating_group' end
     if present(m.service_id) and not is_int(m.service_id) then return 'service_id' end
     if present(m.reporting_reason) and not is_int(m.reporting_reason) then return 'reporting_reason' end
-    if check_units(m.used) or check_units(m.requested_units) then return 'units' end
+    if check_units(m.used) or check_units(m.requested_units) or check_units(m.used_before)
+      or check_units(m.used_after) or check_units(m.used_indeterminate) then
+      return 'units'
+    end
     local err = check_schedule(m.schedule)
     if err then return err end
+    if not present(m.periods) then m.periods = {} end
+    if not present(m.next_periods) then m.next_periods = {} end
+    if present(m.tariff_change_ms) then
+      if not is_int(m.tariff_change_ms) then return 'tariff_change_ms' end
+      if not present(m.next_schedule) then m.next_schedule = m.schedule end
+    else
+      m.tariff_change_ms = nil
+      m.next_schedule = nil
+    end
+    if m.next_schedule and m.next_schedule ~= m.schedule then
+      err = check_schedule(m.next_schedule)
+      if err then return 'next ' .. err end
+    end
+    if type(m.periods) ~= 'table' or type(m.next_periods) ~= 'table' then return 'periods' end
+    if missing_period(m.schedule, m.periods) or (m.next_schedule and missing_period(m.next_schedule,
+      m.next_periods)) then
+      return 'periods (a period key the schedule counts over is missing)'
+    end
   end
   return nil
 end
@@ -301,6 +378,221 @@ local function affordable_increments(s, money, kmax)
     end
   end
   return lo
+end
+
+-- ---- extended pricing (ratecards/pricing.py, items 1-5: the same functions, the same integers) ----------
+
+-- ceil(c × num / den) without forming c × num (pricing._price_count); r × num < 2^53 by the rate-card checks
+local function price_count(c, num, den)
+  local q = idiv(c, den)
+  local r = c - q * den
+  return q * num + ceil_div(r * num, den)
+end
+
+-- micro-units (before rounding) of n increments over the base price and the graduated tiers
+local function raw_for_increments(s, n)
+  if n <= 0 then
+    return 0
+  end
+  local tiers = s.tiers
+  if #tiers == 0 then
+    return price_count(n, s.price_num, s.price_den)
+  end
+  local raw, start, num, den = 0, 0, s.price_num, s.price_den
+  for _, t in ipairs(tiers) do
+    if n <= t[1] then
+      break
+    end
+    raw = raw + price_count(t[1] - start, num, den)
+    start, num, den = t[1], t[2], t[3]
+  end
+  return raw + price_count(n - start, num, den)
+end
+
+-- C(U): the cumulative charge of U units counted from the start of the scope (pricing.amount_for_units)
+local function cumulative_amount(s, units)
+  if units <= s.free_units then
+    return 0
+  end
+  local n = ceil_div(units - s.free_units, s.increment)
+  if s.first_increment > 0 and n * s.increment < s.first_increment then
+    n = idiv(s.first_increment, s.increment)
+  end
+  local raw = raw_for_increments(s, n)
+  if raw < s.minimum_charge then
+    raw = s.minimum_charge
+  end
+  return round_minor(raw + s.setup_fee, s.minor, s.rounding)
+end
+
+-- what a report of `units` costs after `used` units of the scope and `spent` micro-units of the cap period
+-- (pricing.charge_for_usage): C(used + units) - C(used), at most what the cap leaves
+local function charge_for_usage(s, units, used, spent)
+  if units <= 0 then
+    return 0
+  end
+  local a = cumulative_amount(s, used + units) - cumulative_amount(s, used)
+  if s.cap > 0 then
+    local room = s.cap - spent
+    if room <= 0 then
+      a = 0
+    elseif room < a then
+      a = room
+    end
+  end
+  return a
+end
+
+-- ---- counters (pricing.py item 7) and rating views ------------------------------------------------------
+-- use:{p}:<msisdn> holds per subscriber × rating group: '<rg>:<period key>' units of a day/week/month scope
+-- priced in money, '<rg>:cap:<period key>' micro-units charged in the cap period, '<rg>:fu:<period key>'
+-- every unit used (allowances too) in the fair-usage period. The key comes from Python (Rater.period_key);
+-- writing a period's field deletes the same counter's older periods. The session scope counts in the
+-- reservation ('c' in r:<rg>), carried over from grant to grant. Loaded on first use, saved once.
+
+local function counters(key)
+  return { key = key, v = nil, dirty = {} }
+end
+
+local function counter(cs, field)
+  if not cs.v then
+    cs.v = {}
+    local flat = call('HGETALL', cs.key)
+    for i = 1, #flat, 2 do
+      cs.v[flat[i]] = tonumber(flat[i + 1])
+    end
+  end
+  return cs.v[field] or 0
+end
+
+local function count(cs, field, delta)
+  if delta ~= 0 then
+    local before = counter(cs, field)
+    cs.v[field] = before + delta
+    cs.dirty[field] = true
+  end
+end
+
+-- writes the changed counters; a counter's field of an older period than another of the same counter (same
+-- '<rg>:[cap:|fu:]' prefix and key length, ISO keys compare as text) is deleted
+local function counters_save(cs)
+  if not next(cs.dirty) then
+    return
+  end
+  local set, del, newest = {}, {}, {}
+  for field in pairs(cs.v) do
+    local cut = #field
+    while cut > 0 and byte(field, cut) ~= 58 do cut = cut - 1 end -- the last ':'
+    local counter_id = strsub(field, 1, cut) .. '#' .. int(#field)
+    local best = newest[counter_id]
+    if not best then
+      newest[counter_id] = field
+    elseif best < field then
+      del[#del + 1] = best
+      newest[counter_id] = field
+    else
+      del[#del + 1] = field
+    end
+  end
+  for _, field in ipairs(del) do
+    cs.dirty[field] = nil
+  end
+  for field in pairs(cs.dirty) do
+    set[#set + 1] = field
+    set[#set + 1] = int(cs.v[field])
+  end
+  if #set > 0 then
+    call('HSET', cs.key, unpack_(set))
+  end
+  if #del > 0 then
+    call('HDEL', cs.key, unpack_(del))
+  end
+end
+
+-- A view rates units with one schedule at one set of period keys: {s, cs (counters), sess ({c = session
+-- units}), uf / cf / ff (counter fields of the scope, the cap and fair usage, or nil)}
+local function view_of(s, periods, rg, cs, sess)
+  local v = { s = s, cs = cs, sess = sess }
+  local r = int(rg)
+  if PERIODS[s.scope] then v.uf = r .. ':' .. (periods[s.scope] or '') end
+  if s.cap > 0 then v.cf = r .. ':cap:' .. (periods[s.cap_period] or '') end
+  if s.fair_usage_units > 0 then v.ff = r .. ':fu:' .. (periods[s.fair_usage_period] or '') end
+  return v
+end
+
+-- units of the scope rated before (pricing's used_before) and money charged in the cap period (spent_before)
+local function view_used(v)
+  if v.s.scope == 'session' then return v.sess.c end
+  if v.uf then return counter(v.cs, v.uf) end
+  return 0
+end
+
+-- what `units` priced in money cost under the view: the spine's price_units, or charge_for_usage
+local function view_charge(v, units)
+  local s = v.s
+  if not s.ext then
+    return price_units(s, units)
+  end
+  return charge_for_usage(s, units, view_used(v), v.cf and counter(v.cs, v.cf) or 0)
+end
+
+-- the largest k in [0, kmax] whose charge fits in money (charge monotone in k: binary search, as
+-- pricing.affordable_usage)
+local function view_affordable(v, money, kmax)
+  local s = v.s
+  if not s.ext then
+    if s.price_num == 0 then return kmax end
+    return affordable_increments(s, money, kmax)
+  end
+  if kmax <= 0 then
+    return 0
+  end
+  local used, spent = view_used(v), v.cf and counter(v.cs, v.cf) or 0
+  local full = charge_for_usage(s, kmax * s.increment, used, spent)
+  if full <= money or full == 0 then
+    return kmax
+  end
+  if money < 0 then
+    return 0
+  end
+  local lo, hi = 0, kmax
+  while hi - lo > 1 do
+    local mid = lo + idiv(hi - lo, 2)
+    if charge_for_usage(s, mid * s.increment, used, spent) <= money then
+      lo = mid
+    else
+      hi = mid
+    end
+  end
+  return lo
+end
+
+-- usage rated under the view: `units` priced in money (charged `amount`) advance the scope and cap counters
+local function view_advance(v, units, amount)
+  local s = v.s
+  if units > 0 then
+    if s.scope == 'session' then
+      v.sess.c = v.sess.c + units
+    elseif v.uf then
+      count(v.cs, v.uf, units)
+    end
+  end
+  if v.cf then
+    count(v.cs, v.cf, amount)
+  end
+end
+
+-- the units a grant may still take before the fair-usage limit of the views (nil: no limit)
+local function fair_usage_room(views)
+  local room = nil
+  for _, v in ipairs(views) do
+    if v.ff then
+      local left = v.s.fair_usage_units - counter(v.cs, v.ff)
+      if left < 0 then left = 0 end
+      if not room or left < room then room = left end
+    end
+  end
+  return room
 end
 
 -- a Units table read in the schedule's unit; nil when it holds no value of that unit
@@ -547,9 +839,10 @@ local function debit(p, ref, amount)
   end
 end
 
--- a session reservation ('r:<rg>' value: {"u": granted units, "b": {ref: amount}, "f": state}) back to the
--- purse; returns its final-units state (0 none, 1 final units granted under REDIRECT/RESTRICT_ACCESS, 2
--- restricted: the final units are used, nothing held) and what it held ({ref: amount}, or nil)
+-- a session reservation ('r:<rg>' value: {"u": granted units, "b": {ref: amount}, "f": state, ...; see
+-- charge.lua}) back to the purse; returns its final-units state (0 none, 1 final units granted under
+-- REDIRECT/RESTRICT_ACCESS, 2 restricted: the final units are used, nothing held), what it held ({ref:
+-- amount}, or nil) and the decoded reservation
 local function release(p, raw)
   if raw then
     local r = decode(raw)
@@ -557,11 +850,11 @@ local function release(p, raw)
       hold(p, ref, -amount)
     end
     if r.f and r.f ~= null then
-      return r.f, r.b
+      return r.f, r.b, r
     end
-    return 0, r.b
+    return 0, r.b, r
   end
-  return 0, nil
+  return 0, nil, nil
 end
 
 -- does a bucket with metadata serve rating group rg of schedule s? (validity is checked by the caller)
@@ -740,30 +1033,79 @@ local function from_money(p, src, amount, list, apply, for_grant, overflow)
   return left
 end
 
--- committed usage: allowances first, the rest priced in money. Returns the money amount and the ordered
--- {ref, amount} list of what was taken.
-local function commit_usage(p, s, src, units)
-  local taken, rest = from_allowances(p, src, units, true, false)
-  local amount = price_units(s, rest)
-  if amount ~= 0 then
-    from_money(p, src, amount, taken, true, false, s.money_bucket)
+-- adds an ordered {ref, amount} list into another, merging refs already there (order of first appearance)
+local function merge_taken(list, add)
+  for _, kv in ipairs(add) do
+    local merged = false
+    for _, x in ipairs(list) do
+      if x[1] == kv[1] then
+        x[2] = x[2] + kv[2]
+        merged = true
+        break
+      end
+    end
+    if not merged then
+      list[#list + 1] = { kv[1], kv[2] }
+    end
   end
-  return amount, taken
 end
 
--- what a grant of `want` units would hold, allowances first then whole affordable increments of money;
--- changes nothing. Returns granted units, the ordered {ref, amount} list, money amount, allowance units.
-local function plan_grant(p, s, src, want)
+-- committed usage of one part (a usage report, or one side of a Tariff-Time-Change): allowances first, the
+-- rest priced in money by the dearest of the views (pricing.dearer_charge), whose scope and cap counters it
+-- advances; its fair-usage counter counts every unit. Adds what was taken to `taken` (ordered {ref, amount}).
+-- Returns the money amount and the view that priced it.
+local function commit_part(p, views, src, units, taken)
+  local got, rest = from_allowances(p, src, units, true, false)
+  local v = views[1]
+  local amount = view_charge(v, rest)
+  for i = 2, #views do
+    local a = view_charge(views[i], rest)
+    if a > amount then
+      v, amount = views[i], a
+    end
+  end
+  view_advance(v, rest, amount)
+  if v.ff then
+    count(v.cs, v.ff, units)
+  end
+  if amount ~= 0 then
+    from_money(p, src, amount, got, true, false, v.s.money_bucket)
+  end
+  merge_taken(taken, got)
+  return amount, v
+end
+
+-- what a grant of `want` units would hold, allowances first then whole affordable increments of money
+-- (none when allowance_only: a rating group served only from bundles); changes nothing. With several views
+-- (a grant spanning a Tariff-Time-Change) the money part is what every one of them affords
+-- (pricing.affordable_for_all), held at the dearest. Returns granted units, the ordered {ref, amount} list,
+-- money amount, allowance units.
+local function plan_grant(p, views, src, want, allowance_only)
   local held, left = from_allowances(p, src, want, false, true)
   local allowance_units = want - left
   local money_units, money = 0, 0
-  if left > 0 then
+  local s = views[1].s
+  if left <= 0 or allowance_only then
+    money_units = 0
+  elseif #views == 1 and not s.ext then -- the spine
     if s.price_num == 0 then
       money_units = left
     else
       local k = affordable_increments(s, money_available(p, src, true), ceil_div(left, s.increment))
       money_units = min(left, k * s.increment)
       money = price_increments(s, k)
+    end
+  else
+    local avail = money_available(p, src, true)
+    money_units = left
+    for _, v in ipairs(views) do
+      local inc = v.s.increment
+      local units = min(left, view_affordable(v, avail, ceil_div(left, inc)) * inc)
+      if units < money_units then money_units = units end
+    end
+    for _, v in ipairs(views) do
+      local a = view_charge(v, money_units)
+      if a > money then money = a end
     end
   end
   if money > 0 then
@@ -772,16 +1114,30 @@ local function plan_grant(p, s, src, want)
   return allowance_units + money_units, held, money, allowance_units
 end
 
--- what an all-or-nothing debit of `units` would take (allowances first): the ordered {ref, amount} list,
--- the money amount and whether it fits in the available money; changes nothing
-local function plan_debit(p, s, src, units)
+-- what an all-or-nothing debit of `units` would take (allowances first, none from money when
+-- allowance_only): the ordered {ref, amount} list, the money amount, whether it fits in the available money,
+-- and the units priced in money; changes nothing
+local function plan_debit(p, v, src, units, allowance_only)
   local taken, rest = from_allowances(p, src, units, false, true)
-  local amount = price_units(s, rest)
+  if allowance_only then
+    return taken, 0, rest == 0, 0
+  end
+  local amount = view_charge(v, rest)
   local short = 0
   if amount > 0 then
     short = from_money(p, src, amount, taken, false, true, nil)
   end
-  return taken, amount, short == 0
+  return taken, amount, short == 0, rest
+end
+
+-- does a live allowance bucket with units left serve the rating group? (requires_bucket)
+local function has_allowance(p, src)
+  for _, ref in ipairs(src.allow) do
+    if usable(p, src, ref, true) > 0 then
+      return true
+    end
+  end
+  return false
 end
 
 -- ---- the ledger (XADD ledger:{pNNN}): every balance change, written by the function that makes it -------
@@ -1028,8 +1384,9 @@ local function usage_json(u)
   return '{' .. concat(p, ',') .. '}'
 end
 
--- one usage / event / refund record for one MSCC; `usage` is a Units table
-local function rated_record(cdr_key, record_type, rec, m, s, usage, amount, taken)
+-- one usage / event / refund record for one MSCC; `usage` is a Units table; `extra`: more members (JSON
+-- text starting with ',') or nil. A schedule of a named tariff adds "tariff".
+local function rated_record(cdr_key, record_type, rec, m, s, usage, amount, taken, extra)
   local rg = int(m.rating_group)
   local service, reason = '', ''
   if present(m.service_id) then
@@ -1041,7 +1398,8 @@ local function rated_record(cdr_key, record_type, rec, m, s, usage, amount, take
   call('XADD', cdr_key, '*', 'r', rec.head .. rg .. '","recordType":"' .. record_type .. '"' .. rec.tail
     .. ',"ratingGroup":' .. rg .. service .. ',"usage":' .. usage_json(usage) .. ',"amount":' .. int(amount)
     .. ',"currency":' .. encode(s.currency) .. ',"bucket":' .. buckets_json(taken) .. ',"ratingVersion":'
-    .. encode(s.version) .. reason .. '}')
+    .. encode(s.version) .. reason .. ((s.tariff and s.tariff ~= '') and ',"tariff":' .. encode(s.tariff) or '')
+    .. (extra or '') .. '}')
 end
 
 local function close_record(cdr_key, rec, cause, currency)

@@ -2,7 +2,7 @@
 --
 -- KEYS[1] sub:{p}:<msisdn>   KEYS[2] bal:{p}:<msisdn>   KEYS[3] evt:{p}:<session-id>:<request-number>
 -- KEYS[4] cdr:{p}            KEYS[5] ledger:{p}         KEYS[6] bexp:{p}
--- [KEYS[7] grp:{p}:<group>, when the request names the subscriber's group]
+-- KEYS[7] use:{p}:<msisdn>   [KEYS[8] grp:{p}:<group>, when the request names the subscriber's group]
 -- ARGV[1] the ChargeRequest as JSON (request_type 4, requested_action set)
 -- Returns a ChargeOutcome as JSON.
 --
@@ -18,6 +18,11 @@
 --  CHECK_BALANCE (2):   check_balance_result 0 when each MSCC, on its own, could be debited, else 1.
 --                       Writes nothing (beyond settling ended buckets, as every action does).
 --  PRICE_ENQUIRY (3):   MsccOutcome.cost = the money price of the units (allowances ignored). Writes nothing.
+-- Extended pricing (ratecards/pricing.py) applies to the money part: an event is a report of its own (scope
+-- "session" counts the one event), day/week/month scopes and caps count in use:{p}:<msisdn> with the period
+-- keys of MsccCharge.periods, advanced by DIRECT_DEBITING (PRICE_ENQUIRY prices with them, changes nothing;
+-- REFUND_ACCOUNT credits C(units) of the event alone). A schedule with requires_bucket debits only from
+-- allowances: 5030 when none serves the rating group, 4012 when they do not cover the units.
 -- A rating group outside credit control (schedule credit_control = false) is answered 4011 for every action;
 -- a DIRECT_DEBITING of it is recorded as an "event" CDR record at amount 0. A barred rating group (schedule
 -- barred) is answered 4010 for DIRECT_DEBITING.
@@ -28,7 +33,7 @@
 local TTL_MS = 300000
 
 local sub_key, bal_key, evt_key, cdr_key, ledger_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local bexp_key, grp_key = KEYS[6], KEYS[7]
+local bexp_key, use_key, grp_key = KEYS[6], KEYS[7], KEYS[8]
 local req = decode(ARGV[1])
 
 if req.request_type ~= 4 then
@@ -78,6 +83,7 @@ local ctx = { ledger = ledger_key, bexp = bexp_key, now = now }
 if p.own.m or p.grp then
   settle_purse(p, ctx)
 end
+local cs = counters(use_key)
 local outcomes = {}
 local enough = true
 local debits = {} -- {rating group, money amount, {ref, amount} list} for the ledger
@@ -91,6 +97,7 @@ for i, m in ipairs(req.msccs) do
   if not units or units == 0 then
     units = s.default_quota
   end
+  local v = view_of(s, m.periods, m.rating_group, cs, { c = 0 })
   if not s.credit_control then
     o.result_code = 4011
     if action == 0 then
@@ -99,10 +106,18 @@ for i, m in ipairs(req.msccs) do
   elseif action == 0 and s.barred then
     o.result_code = 4010
   elseif action == 0 then
-    local taken, amount, fits = plan_debit(p, s, sources(p, s, m.rating_group, now, nil), units)
-    if fits then
+    local src = sources(p, s, m.rating_group, now, nil)
+    local taken, amount, fits, priced = plan_debit(p, v, src, units, s.requires_bucket)
+    if s.requires_bucket and not has_allowance(p, src) then
+      o.result_code = 5030
+      o.final_unit_action = s.final_unit_action
+    elseif fits then
       for _, kv in ipairs(taken) do
         debit(p, kv[1], kv[2])
+      end
+      view_advance(v, priced, amount)
+      if v.ff then
+        count(cs, v.ff, units)
       end
       o.amount = amount
       o.granted = units_json(s.unit, units)
@@ -114,7 +129,7 @@ for i, m in ipairs(req.msccs) do
       o.result_code = 4012
     end
   elseif action == 1 then
-    local amount = price_units(s, units)
+    local amount = s.ext and charge_for_usage(s, units, 0, 0) or price_units(s, units)
     if amount > 0 then
       wadd(p.own, s.money_bucket, amount)
       ledger_add(ledger_key, 'refund', req.msisdn, nil, s.money_bucket, amount,
@@ -124,12 +139,13 @@ for i, m in ipairs(req.msccs) do
     rated_record(cdr_key, 'refund', rec, m, s, usage_of(s.unit, units), -amount,
       { { s.money_bucket, -amount } })
   elseif action == 2 then
-    local _, _, fits = plan_debit(p, s, sources(p, s, m.rating_group, now, nil), units)
-    if not fits then
+    local src = sources(p, s, m.rating_group, now, nil)
+    local _, _, fits = plan_debit(p, v, src, units, s.requires_bucket)
+    if not fits or (s.requires_bucket and not has_allowance(p, src)) then
       enough = false
     end
   else
-    o.cost = price_units(s, units)
+    o.cost = view_charge(v, units)
   end
   outcomes[i] = o
 end
@@ -143,6 +159,7 @@ if #debits > 0 then
 end
 wsave(p.own)
 wsave(p.grp)
+counters_save(cs)
 local out = outcome_json(2001, outcomes, e2e, extra)
 call('SET', evt_key, out, 'PX', TTL_MS)
 return out
