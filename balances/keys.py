@@ -158,3 +158,14 @@ def queue_key(process_id: str) -> str:
 def reply_key(request_id: str) -> str:
     """Where the process that carried out a queued request puts its result."""
     return f"ocsr:{request_id}"
+
+
+# ---- the product catalog (ocs.catalog) -------------------------------------------------------------------
+
+CATALOG_KEY = "catalog:current"  # the loaded catalog (JSON, with its version): read by the CLI and servers only
+
+
+def renewal_key(partition: int) -> str:
+    """Sorted set: subscribers on a catalog plan, scored by the end of their current period (ms): what the
+    renewal sweep reads."""
+    return f"renew:{tag(partition)}"

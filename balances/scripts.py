@@ -2,7 +2,7 @@
 
 common.lua (exact integer JSON, pricing, buckets and wallets, the ledger, CDR records) is the library's
 prelude, defined once when the library loads instead of on every call as an EVAL script would; each of charge,
-event, topup, provision, close, bucket and member becomes a function whose body is its .lua file (`KEYS` and
+event, topup, provision, close, bucket, member and catalog becomes a function whose body is its .lua file (`KEYS` and
 `ARGV` are the callback's parameters). Library and function names carry the first 12 hex digits of the
 source's SHA1, so two versions of the OCS can share one server during an upgrade and a changed script can
 never be called by its old name. Works on Valkey 8/9 and Redis >= 7 (FUNCTION LOAD / FCALL); on Redis
@@ -20,7 +20,7 @@ from redis.exceptions import ResponseError
 
 LUA_DIR = Path(__file__).resolve().parent / "lua"
 COMMON = "common.lua"
-NAMES = ("charge", "event", "topup", "provision", "close", "bucket", "member")
+NAMES = ("charge", "event", "topup", "provision", "close", "bucket", "member", "catalog")
 
 
 @dataclass(frozen=True)

@@ -1311,3 +1311,173 @@ class BalanceStore:
         """The reply to a queued request, or None after timeout_s."""
         reply = await self.redis.blpop([k.reply_key(request_id)], timeout=timeout_s)
         return None if reply is None else reply[1]
+
+    # ---- the product catalog (ocs.catalog decides what; lua/catalog.lua applies it in one call) -----------
+
+    async def _catalog_call(self, msisdn: str, args: dict[str, Any], reference: str | None = None) -> CatalogResult:
+        location = await self.locate_msisdn(msisdn)
+        if location is None:
+            raise UnknownSubscriber(msisdn)
+        p = location.partition
+        keys = [k.sub_key(p, msisdn), k.bal_key(p, msisdn), k.ledger_key(p), k.expiry_key(p), k.renewal_key(p)]
+        if reference:
+            keys.append(k.operation_key(p, args["op"], reference))
+        payload = _encoder.encode({"msisdn": msisdn, **args})
+        answer = _catalog_decoder.decode(await self._call("catalog", keys, (payload,)))
+        if answer.unknown:
+            self.forget(msisdn=msisdn)
+            raise UnknownSubscriber(msisdn)
+        if answer.error is not None:
+            raise CatalogRefused(answer.code or "refused", answer.error)
+        return answer
+
+    @staticmethod
+    def _grants(buckets: Sequence[Bucket], source: str | None = None) -> list[dict[str, Any]]:
+        out = []
+        for bucket in buckets:
+            check_bucket(bucket, shared=False)
+            meta = bucket_meta(bucket)
+            if source:
+                meta["source"] = source
+            out.append({"id": bucket.id, "amount": bucket.amount, "meta": meta})
+        return out
+
+    def _bonuses(self, bonuses: Sequence[Bonus]) -> list[dict[str, Any]]:
+        return [{"name": check_id("promotion", b.name), "once": b.once, "buckets": self._grants(b.buckets, "promotion")}
+                for b in bonuses]
+
+    async def buy_addon(self, msisdn: str, name: str, price: int, buckets: Sequence[Bucket], *, reference: str,
+                        plans: Sequence[str] = (), repeatable: bool = True, bonuses: Sequence[Bonus] = (),
+                        now_ms: int | None = None) -> CatalogResult:
+        """Debits `price` micro-units from the money bucket and creates the add-on's buckets, in one call with a
+        "purchase" ledger entry; applied once per reference (a repeat answers duplicate=True, nothing changed).
+        CatalogRefused (nothing changed): code "funds" (balance + credit limit − reserved < price), "eligible"
+        (the subscriber's catalog plan is not in `plans`), "repeat" (bought before and not repeatable),
+        "status" (terminated)."""
+        if not isinstance(price, int) or isinstance(price, bool) or not 0 <= price <= MAX_EXACT:
+            raise ValueError("a price is a non-negative integer number of micro-units")
+        if not reference:
+            raise ValueError("a purchase needs a reference")
+        args = {"op": "purchase", "now_ms": _now(now_ms), "name": check_id("add-on", name), "price": price,
+                "plans": list(plans), "repeatable": repeatable, "reference": reference,
+                "buckets": self._grants(buckets, "addon"), "bonuses": self._bonuses(bonuses)}
+        return await self._catalog_call(msisdn, args, reference)
+
+    async def plan_period(self, msisdn: str, mode: str, *, product: str, rating_plan: str, start: int, end: int,
+                          fee: int, buckets: Sequence[Bucket], expect_end: int | None = None,
+                          anchor: int | None = None, bonuses: Sequence[Bonus] = (), suspend_unpaid: bool = False,
+                          now_ms: int | None = None) -> CatalogResult:
+        """One period of a catalog plan: `mode` "start" (a new subscriber's first period), "renew" (only if the
+        record's period_end is `expect_end`: idempotent per period; a prepaid subscriber who cannot pay gets
+        status "unpaid", and "suspended" when `suspend_unpaid`) or "change" (another plan from now on: the
+        buckets the old plan's periods granted end now). Charges `fee`, grants `buckets` (source "plan"),
+        writes the subscriber's plan, product and period, and its due time in renew:{pNNN}, with a "renewal"
+        ledger entry. CatalogRefused "funds" for start/change a prepaid balance does not cover. The index
+        keys are the caller's (set_plan_index)."""
+        if mode not in ("start", "renew", "change"):
+            raise ValueError("mode is start, renew or change")
+        if not isinstance(fee, int) or isinstance(fee, bool) or not 0 <= fee <= MAX_EXACT:
+            raise ValueError("a fee is a non-negative integer number of micro-units")
+        args: dict[str, Any] = {"op": "period", "mode": mode, "now_ms": _now(now_ms), "product": product,
+                                "rating_plan": rating_plan, "start": start, "finish": end, "fee": fee,
+                                "buckets": self._grants(buckets, "plan"), "bonuses": self._bonuses(bonuses),
+                                "suspend_unpaid": suspend_unpaid}
+        if expect_end is not None:
+            args["expect_end"] = expect_end
+        if anchor is not None:
+            args["anchor"] = anchor
+        return await self._catalog_call(msisdn, args)
+
+    async def grant_bonuses(self, msisdn: str, bonuses: Sequence[Bonus], *, reference: str,
+                            now_ms: int | None = None) -> CatalogResult:
+        """Promotion bonuses outside a purchase or a period (a top-up): once per reference; a `once` bonus once
+        per subscriber."""
+        args = {"op": "bonus", "now_ms": _now(now_ms), "reference": reference, "bonuses": self._bonuses(bonuses)}
+        return await self._catalog_call(msisdn, args, reference)
+
+    async def plan_record(self, msisdn: str) -> dict[str, str] | None:
+        """The catalog fields of the subscriber record: plan, product, period_start, period_end, anchor, status,
+        kind, suspended_for (absent ones are left out); None for an unknown subscriber."""
+        location = await self.locate_msisdn(msisdn)
+        if location is None:
+            return None
+        names = ("msisdn", "plan", "product", "period_start", "period_end", "anchor", "status", "kind",
+                 "suspended_for")
+        values = await self._commands(("HMGET", k.sub_key(location.partition, msisdn), *names))
+        if values[0] is None:
+            return None
+        return {name: _text(value) for name, value in zip(names, values, strict=True) if value is not None}
+
+    async def set_plan_index(self, msisdn: str, plan: str) -> None:
+        """After a plan change: the index entries name the new plan (a process with the old one cached is
+        answered stale plan by the charge function and refreshes)."""
+        location = await self.locate_msisdn(msisdn)
+        if location is None:
+            raise UnknownSubscriber(msisdn)
+        sub = await self.subscriber(msisdn)
+        value = k.location_value(Location(location.partition, msisdn, plan, location.group))
+        commands: list[tuple] = [("SET", k.idx_msisdn_key(msisdn), value)]
+        if sub is not None and sub.imsi:
+            commands.append(("SET", k.idx_imsi_key(sub.imsi), value))
+        await self._pipeline(commands)
+        self.forget(msisdn=msisdn, imsi=sub.imsi if sub is not None else None)
+
+    async def due_renewals(self, now_ms: int, limit: int = SCAN_PAGE) -> list[tuple[str, int]]:
+        """(msisdn, period end) of the subscribers whose catalog period ended by now_ms, earliest first, at most
+        `limit` per partition (renew:{pNNN})."""
+        await self.ready()
+        pages = await self._pipeline(("ZRANGEBYSCORE", k.renewal_key(p), "-inf", now_ms, "WITHSCORES", "LIMIT", 0,
+                                      limit) for p in range(self.partitions))
+        due: list[tuple[str, int]] = []
+        for page in pages:
+            if page and not isinstance(page[0], list | tuple):  # flat [member, score, ...] (RESP2)
+                page = [page[i:i + 2] for i in range(0, len(page), 2)]
+            due.extend((_text(member), int(float(score))) for member, score in page)
+        return sorted(due, key=lambda item: item[1])
+
+    async def drop_renewal(self, msisdn: str) -> None:
+        """The subscriber leaves the renewal schedule (no catalog plan any more, or unknown to the catalog)."""
+        location = await self.locate_msisdn(msisdn)
+        partition = location.partition if location is not None else None
+        if partition is None:
+            await self.ready()
+            await self._pipeline(("ZREM", k.renewal_key(p), msisdn) for p in range(self.partitions))
+        else:
+            await self._commands(("ZREM", k.renewal_key(partition), msisdn))
+
+
+class CatalogRefused(ValueError):
+    """A catalog operation the subscriber's balance or record does not allow; nothing changed. `code`: funds,
+    eligible, repeat, status."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Bonus(msgspec.Struct):
+    """A promotion's bonus buckets; `once`: granted once per subscriber (counted in the subscriber record)."""
+
+    name: str
+    buckets: list[Bucket]
+    once: bool = True
+
+
+class CatalogResult(msgspec.Struct):
+    """What a catalog call did: applied (False: not due, unpaid or a duplicate), the buckets and bonuses it
+    created, the money balance after."""
+
+    applied: bool = False
+    status: str = ""  # bought | granted | start | renew | change | not-due | unpaid
+    buckets: list[str] = []
+    bonuses: list[str] = []
+    balance: int = 0
+    old_plan: str = ""
+    subscriber_status: str = ""
+    duplicate: bool = False
+    unknown: bool = False
+    error: str | None = None
+    code: str | None = None
+
+
+_catalog_decoder = msgspec.json.Decoder(CatalogResult)

@@ -22,6 +22,7 @@ from rich.table import Table
 
 from billing.cli import register as register_billing
 from ocs.balance_cli import register as register_balances
+from ocs.catalog_cli import register as register_catalog
 from ocs.config import Config, ConfigError, load_config
 from ocs.ratecard_cli import register as register_ratecards
 
@@ -33,6 +34,7 @@ app.add_typer(session_app, name="session")
 register_billing(app)  # bill, invoice, payment, account, cdr, reconcile (billing/cli.py)
 register_ratecards(app)  # ratecard validate|load|show, rate (ocs/ratecard_cli.py)
 register_balances(app, subscriber_app)  # audit, adjust, bucket, group, subscriber set-status|set-account
+register_catalog(app, subscriber_app)  # plan load|list|show|renew, addon buy|list, subscriber change-plan
 
 console = Console()
 err_console = Console(stderr=True)
@@ -163,11 +165,13 @@ async def _reachable(url: str) -> bool:
 async def provision_demo(store, config: Config) -> int:
     """The demo subscribers (idempotent: existing ones are left as they are)."""
     from balances.model import Subscriber
+    from ocs.catalog_cli import load_demo_catalog
     from ratecards import initial_allowances, load_ratecard
 
     card = load_ratecard(config.charging.ratecard)
     if "demo" not in card.plans:
         raise CliError("the rate card has no plan 'demo' for the demo data")
+    await load_demo_catalog(store, config)  # ocs/demo/catalog.toml, when no catalog is loaded
     allowances = initial_allowances(card, "demo")
     created = 0
     for msisdn, imsi in zip(DEMO_MSISDNS, DEMO_IMSIS, strict=True):
@@ -267,28 +271,34 @@ def subscriber_add(
     config: Path = ConfigOption,
     json: bool = JsonOption,
 ) -> None:
-    """Create a subscriber with the plan's allowances and an optional money balance."""
+    """Create a subscriber with an optional money balance: on a catalog plan (ocs plan load) with its first
+    period (fee and allowances), else on a rate card plan with the rate card's allowances."""
     cfg = get_config(config)
 
     async def main() -> dict:
         from balances.model import Subscriber
+        from ocs.catalog_cli import catalog_plan, provision_plan
+        from ocs.clock import Clock
         from ratecards import initial_allowances, load_ratecard
 
         _check_msisdn(msisdn)
         _check_imsi(imsi)
         card = load_ratecard(cfg.charging.ratecard)
-        if plan not in card.plans:
-            raise CliError(f"unknown plan {plan!r} (known: {', '.join(sorted(card.plans))})")
         amount = 0 if money.strip() in ("0", "0.00") else parse_amount(money, card.currency_minor_digits,
                                                                       card.currency)
         async with StoreSession(cfg) as store:
+            catalog = await catalog_plan(store, plan)
+            if catalog is None and plan not in card.plans:
+                raise CliError(f"unknown plan {plan!r} (known: {', '.join(sorted(card.plans))})")
             if await store.subscriber(msisdn) is not None:
                 raise CliError(f"subscriber {msisdn} already exists")
             if imsi is not None and await store.locate_imsi(imsi) is not None:
                 raise CliError(f"IMSI {imsi} already belongs to another subscriber")
-            partition = await store.provision(
-                Subscriber(msisdn=msisdn, imsi=imsi, plan=plan, currency=card.currency),
-                money=amount, allowances=initial_allowances(card, plan))
+            sub = Subscriber(msisdn=msisdn, imsi=imsi, plan=plan, currency=card.currency)
+            if catalog is not None:
+                first = await provision_plan(store, catalog, sub, amount, Clock().now_ms())
+                return {"msisdn": msisdn, "imsi": imsi, "plan": plan, "money": amount, **first}
+            partition = await store.provision(sub, money=amount, allowances=initial_allowances(card, plan))
         return {"msisdn": msisdn, "imsi": imsi, "plan": plan, "partition": partition, "money": amount}
 
     result = run_async(main)
@@ -309,7 +319,12 @@ def subscriber_show(msisdn: str, config: Path = ConfigOption, json: bool = JsonO
             if sub is None:
                 raise CliError(f"unknown subscriber {msisdn}")
             buckets = await store.balances(msisdn)
-        return {"subscriber": msgspec.to_builtins(sub), "buckets": msgspec.to_builtins(buckets)}
+            record = await store.plan_record(msisdn) or {}
+        result = {"subscriber": msgspec.to_builtins(sub), "buckets": msgspec.to_builtins(buckets)}
+        if "product" in record:  # a catalog plan (docs/catalog.md)
+            result["catalog_plan"] = {"plan": record["product"], "period_start": int(record["period_start"]),
+                                      "period_end": int(record["period_end"])}
+        return result
 
     result = run_async(main)
     if json:
@@ -318,6 +333,13 @@ def subscriber_show(msisdn: str, config: Path = ConfigOption, json: bool = JsonO
     sub = result["subscriber"]
     console.print(f"[bold]{sub['msisdn']}[/bold] IMSI {sub.get('imsi') or '-'} plan {sub['plan']} "
                   f"status {sub['status']} partition {sub.get('partition')}")
+    if "catalog_plan" in result:
+        from datetime import UTC, datetime
+
+        period = result["catalog_plan"]
+        start, end = (datetime.fromtimestamp(period[key] // 1000, UTC).isoformat() for key in ("period_start",
+                                                                                              "period_end"))
+        console.print(f"catalog plan {period['plan']}, period {start} .. {end}")
     _print_buckets(result["buckets"], sub.get("currency", ""))
 
 
@@ -404,11 +426,14 @@ def topup(
                 result = await store.topup(msisdn, micro, ref, Clock().now_ms())
             except UnknownSubscriber:
                 raise CliError(f"unknown subscriber {msisdn}") from None
-            reauth = []
+            reauth, bonuses = [], []
             if result.applied:
+                from ocs.catalog_cli import topup_promotions
+
+                bonuses = await topup_promotions(store, msisdn, micro, ref, Clock().now_ms())
                 reauth = await reauth_subscriber(store, msisdn, cfg.diameter.answer_timeout_seconds + 1)
         return {"msisdn": msisdn, "amount": micro, "applied": result.applied, "balance": result.balance,
-                "reference": ref, "currency": currency, "digits": digits,
+                "reference": ref, "currency": currency, "digits": digits, "bonuses": bonuses,
                 "reauth": msgspec.to_builtins(reauth)}
 
     result = run_async(main)
