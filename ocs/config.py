@@ -71,6 +71,9 @@ class ChargingConfig(msgspec.Struct, forbid_unknown_fields=True):
     # boundary, new version, period end) within a grant's Validity-Time, or within this horizon when the rate
     # card gives none, is sent as Tariff-Time-Change with the next schedule (at most 7 days)
     charging_horizon_seconds: int = 86_400
+    # how often each server renews the catalog plans whose period ended (fee + allowances; 0 = never: run
+    # `ocs plan renew` from cron instead)
+    renewal_interval_seconds: float = 60.0
     # override the rate card's default grant per unit type (0 = use the rate card's)
     default_quota_bytes: int = 0
     default_quota_seconds: int = 0
@@ -251,6 +254,8 @@ def _check(config: Config) -> None:
         raise ConfigError("charging.supervision_interval_seconds must be positive")
     if c.ratecard_reload_seconds <= 0:
         raise ConfigError("charging.ratecard_reload_seconds must be positive")
+    if c.renewal_interval_seconds < 0:
+        raise ConfigError("charging.renewal_interval_seconds must be >= 0 (0 = no renewal sweep)")
     if not 1 <= c.charging_horizon_seconds <= 7 * 86_400:
         raise ConfigError("charging.charging_horizon_seconds must be 1..604800 (7 days)")
     o = config.overload

@@ -174,6 +174,7 @@ class ServerApp:
         self._stopped = asyncio.Event()
         self.router: Router | None = None
         self.supervisor: Supervisor | None = None
+        self.renewals = None  # ocs.catalog.RenewalSweep when charging.renewal_interval_seconds > 0
         self._supervision_stop = asyncio.Event()
         self._supervision_task: asyncio.Task | None = None
         self._restarts: set[tuple[str, int]] = set()  # (peer, new Origin-State-Id) already handled
@@ -244,6 +245,13 @@ class ServerApp:
         if self.config.metrics.port:
             self.metrics.serve(self.config.metrics.host, self.config.metrics.port)
         self._gauge_task = asyncio.get_running_loop().create_task(self._update_gauges())
+        if self.config.charging.renewal_interval_seconds > 0:
+            from ocs.catalog import RenewalSweep
+
+            # catalog plans' periods: fee + allowances; any number of processes may sweep (renewed once)
+            self.renewals = RenewalSweep(self.store, self.clock, self.config.charging.renewal_interval_seconds,
+                                         on_renewed=self.subscriber_changed)
+            self.renewals.start()
         log.info("listening for Diameter on %s:%d as %s", d.listen_host, self.port, d.origin_host)
 
     def _start_cdr_writer(self) -> None:
@@ -313,6 +321,8 @@ class ServerApp:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._gauge_task is not None:
             self._gauge_task.cancel()
+        if self.renewals is not None:
+            await self.renewals.stop()
         if self._ratecard_task is not None:
             self._ratecard_task.cancel()
         if self._cdr_task is not None:

@@ -22,7 +22,7 @@ from ocs.audit import audit
 from ocs.clock import FixedClock
 from ocs.routing import reauth_subscriber
 from ratecards import load_ratecard, parse_ratecard
-from tests.gateway import Gateway, granted_octets, mscc_of, start_app, wait_for
+from tests.gateway import RAR, Gateway, granted_octets, mscc_of, start_app, wait_for
 
 DEMO = Path(__file__).resolve().parents[1] / "ocs" / "demo"
 NOW = 1_769_817_600_000  # 2026-01-31T00:00:00Z: a month-end anchor
@@ -554,6 +554,41 @@ price = "3.00"
         await gateway.ccr("gw;video-2", 3, 1, used=MB, request_units=False, rating_group=500)
         state = buckets(await store.balances(ALICE))
         assert state["video"].balance == 4 * MB and state["money"].balance == 7 * EUR
+        await assert_audit_exact(store)
+    finally:
+        if gateway is not None:
+            gateway.close()
+        await app.stop()
+
+
+async def test_the_server_renews_due_periods_and_reauthorises_open_sessions(valkey_url, tmp_path, catalog):
+    """`ocs serve` runs the renewal sweep (charging.renewal_interval_seconds): a period that ends while the
+    subscriber has a session open is renewed by the server itself, once, and the session's gateway gets a
+    RAR so it asks for quota against the new allowances."""
+    end = c.period_bounds("month", NOW, NOW)[1]
+    clock = FixedClock(end - 60_000)
+    app = await start_app(valkey_url, tmp_path, clock=clock, OCS_CHARGING__RENEWAL_INTERVAL_SECONDS="0.05")
+    gateway = None
+    try:
+        store = app.store
+        await c.store_catalog(store.redis, catalog, CATALOG, NOW)
+        await subscribe(store, catalog, ALICE, "basic", 30 * EUR)
+        gateway = await Gateway.connect(app.port)
+        answer = await gateway.ccr("gw;renew-1", 1, 0, ALICE)
+        assert answer.get("Result-Code") == 2001
+        await asyncio.sleep(0.2)  # sweeps before the period end renew nothing
+        assert buckets(await store.balances(ALICE))["money"].balance == 20 * EUR
+        clock.set(end + 1000)
+        rar = await gateway.next_request()
+        assert rar.command_code == RAR and rar.session_id == "gw;renew-1"
+        gateway.answer(rar, 2001)
+        state = buckets(await store.balances(ALICE))
+        assert state["money"].balance == 10 * EUR  # one fee, however many sweeps ran
+        # the open session still holds the old period's bucket, so the new period's allowance gets its own id
+        assert [(b.balance, b.valid_from) for b in state.values() if b.valid_from == end] == [(1000, end)]
+        await asyncio.sleep(0.2)
+        assert buckets(await store.balances(ALICE))["money"].balance == 10 * EUR
+        await gateway.ccr("gw;renew-1", 3, 1, used=100, request_units=False)
         await assert_audit_exact(store)
     finally:
         if gateway is not None:
