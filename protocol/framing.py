@@ -14,9 +14,12 @@ least 20 we wait for the full 20-byte header (the peer sends it anyway) so the a
 
 from __future__ import annotations
 
+import struct
+
 from protocol.dictionary import DIAMETER_INVALID_MESSAGE_LENGTH, DIAMETER_UNSUPPORTED_VERSION
 
 HEADER_LENGTH = 20
+_unpack_u32 = struct.Struct(">I").unpack_from
 _COMPACT_AT = 1 << 16  # consumed bytes kept at the front before the buffer is compacted
 
 
@@ -60,13 +63,17 @@ class ReceiveBuffer:
         available = len(buffer) - start
         if available < 4:
             return None
-        version_length = int.from_bytes(buffer[start : start + 4], "big")
-        version, length = version_length >> 24, version_length & 0xFFFFFF
-        if version != 1 or length < HEADER_LENGTH or length & 3 or length > self._max_length:
-            return self._fail(version, length, available)
+        version_length = _unpack_u32(buffer, start)[0]
+        length = version_length & 0xFFFFFF
+        if version_length >> 24 != 1 or length < HEADER_LENGTH or length & 3 or length > self._max_length:
+            return self._fail(version_length >> 24, length, available)
         if available < length:
             return None
         end = start + length
+        if length == available and not start:  # the frame is the whole buffer: one copy, not a slice and a copy
+            frame = bytes(buffer)
+            buffer.clear()
+            return frame
         frame = bytes(buffer[start:end])
         if end == len(buffer):
             buffer.clear()

@@ -39,7 +39,8 @@ def simulate_scenario(scenario_file: str | Path, *, host: str | None, port: int 
         err_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return 2
     phases = scenario.phases
-    total = phases.warmup_seconds + phases.ramp_seconds + phases.steady_seconds
+    total = phases.warmup_seconds + (len(phases.steps) * phases.step_seconds if phases.steps
+                                     else phases.ramp_seconds + phases.steady_seconds)
     show = progress and err_console.is_terminal
     live = LiveProgress(err_console, scenario.name, total) if show else None
 
@@ -58,7 +59,8 @@ def simulate_scenario(scenario_file: str | Path, *, host: str | None, port: int 
         return 1
     if plot is not None:
         try:
-            report["plot"] = str(plot_latency(run.series, report, plot, run.phases["steady"].histogram))
+            steady = run.phases["steady"].histogram if "steady" in run.phases else None  # none in a stepped run
+            report["plot"] = str(plot_latency(run.series, report, plot, steady))
         except RuntimeError as exc:
             err_console.print(f"[yellow]warning:[/yellow] {escape(str(exc))}", highlight=False, soft_wrap=True)
     if as_json:

@@ -14,7 +14,9 @@ coroutine or Task per request: sessions are small state machines driven by the a
 loop tick leave in one write, and one sweeper expires the requests older than the timeout.
 
 Phases: warm-up (level `warmup_level`) → ramp (linear up to 1) → steady (measured: requests/s and latency
-come from it) → drain (no new session; every open session ends with CCR-T, except the abandoned ones).
+come from it) → drain (no new session; every open session ends with CCR-T, except the abandoned ones). A
+stepped run (`[phases].steps`) has one measured phase per step instead of ramp and steady, each at its own
+rate, and a `steps` table in the report (offered, sent/s, answered/s, 2001/s, 3004 share, latency): the knee.
 Latency runs from the write of the request to the read of its answer, so it excludes our own queueing
 before the write and includes the OCS, the network stack and our read.
 
@@ -510,7 +512,9 @@ class EventSession:
 
 
 class PhaseStats:
-    __slots__ = ("name", "started", "ended", "histogram", "answers", "sent")
+    """What happened to the requests sent during one phase (answers are counted in the phase of their request)."""
+
+    __slots__ = ("name", "started", "ended", "histogram", "answers", "sent", "results", "timeouts")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -519,6 +523,8 @@ class PhaseStats:
         self.histogram = LatencyHistogram()
         self.answers = 0
         self.sent = 0
+        self.results: Counter[str] = Counter()
+        self.timeouts = 0
 
     @property
     def seconds(self) -> float:
@@ -542,7 +548,10 @@ class LoadRun:
         self.population = scenario.subscribers.population()
         self.gateways: list[Gateway] = []
         self.phase = "warmup"
-        self.phases = {name: PhaseStats(name) for name in PHASES}
+        steps = scenario.phases.steps
+        #: the phases between warm-up and drain, in order: ramp and steady, or one per step of a stepped run
+        self.measured = [f"step{n}" for n in range(1, len(steps) + 1)] if steps else ["ramp", "steady"]
+        self.phases = {name: PhaseStats(name) for name in ("warmup", *self.measured, "drain")}
         self.results: Counter[str] = Counter()
         self.mscc_results: Counter[str] = Counter()
         self.mismatches: Counter[str] = Counter()
@@ -592,13 +601,18 @@ class LoadRun:
         p = s.phases
         started = time.perf_counter()
         self._t0 = loop.time()
-        ends = {"warmup": p.warmup_seconds, "ramp": p.warmup_seconds + p.ramp_seconds}
-        ends["steady"] = ends["ramp"] + p.steady_seconds
+        ends = {"warmup": p.warmup_seconds}
+        if p.steps:
+            for n, name in enumerate(self.measured, start=1):
+                ends[name] = p.warmup_seconds + n * p.step_seconds
+        else:
+            ends["ramp"] = p.warmup_seconds + p.ramp_seconds
+            ends["steady"] = ends["ramp"] + p.steady_seconds
         self._accepting = True
         tickers = [loop.create_task(self._arrivals(ends)), loop.create_task(self._sweeper()),
                    loop.create_task(self._ticker())]
         try:
-            for name in ("warmup", "ramp", "steady"):
+            for name in ("warmup", *self.measured):
                 stats = self.phases[name]
                 stats.started = time.perf_counter()
                 self.phase = name
@@ -686,6 +700,11 @@ class LoadRun:
         p = self.scenario.phases
         if elapsed < p.warmup_seconds:
             return p.warmup_level
+        if p.steps:
+            traffic = self.scenario.traffic
+            full = traffic.sessions_per_second if traffic.mode == "open" else traffic.in_flight
+            step = min(int((elapsed - p.warmup_seconds) // p.step_seconds), len(p.steps) - 1)
+            return p.steps[step] / full
         if p.ramp_seconds and elapsed < p.warmup_seconds + p.ramp_seconds:
             return p.warmup_level + (1 - p.warmup_level) * (elapsed - p.warmup_seconds) / p.ramp_seconds
         return 1.0
@@ -779,6 +798,7 @@ class LoadRun:
         stats = self.phases[request.phase]
         stats.answers += 1
         stats.histogram.record(micros)
+        stats.results[str(message.get("Result-Code"))] += 1
         self._interval.record(micros)
         self._interval_answers += 1
         result_code = message.get("Result-Code")
@@ -786,10 +806,13 @@ class LoadRun:
         session = request.session
         if message.session_id != session.session_id:
             self.mismatch("Session-Id differs from the request's")
-        if message.get("CC-Request-Number") != request.number:
-            self.mismatch("CC-Request-Number differs from the request's")
-        if message.get("CC-Request-Type") != request.request_type:
-            self.mismatch("CC-Request-Type differs from the request's")
+        # a protocol error (E bit, e.g. 3004 TOO_BUSY) is the generic answer of RFC 6733 §7.2: Session-Id and
+        # Result-Code, no CC-Request-Type/-Number (the hop-by-hop id matched it to its request)
+        if not message.flags & FLAG_ERROR:
+            if message.get("CC-Request-Number") != request.number:
+                self.mismatch("CC-Request-Number differs from the request's")
+            if message.get("CC-Request-Type") != request.request_type:
+                self.mismatch("CC-Request-Type differs from the request's")
         msccs = self._read_msccs(request, message, result_code)
         partner = request.copy_of or request.copy
         if partner is not None:
@@ -869,6 +892,7 @@ class LoadRun:
 
     def _timed_out(self, request: Pending) -> None:
         self.timeouts += 1
+        self.phases[request.phase].timeouts += 1
         if request.copy_of is None:
             request.session.on_failure()
 
@@ -950,7 +974,7 @@ class LoadRun:
 
     def report(self, seconds: float) -> dict[str, Any]:
         s = self.scenario
-        steady = self.phases["steady"]
+        steady = self.phases.get("steady") or PhaseStats("steady")  # a stepped run has none: see "steps"
         unanswered = self.sent - self.answered - self.timeouts - self.errors
         phases = {}
         for name, stats in self.phases.items():
@@ -962,6 +986,8 @@ class LoadRun:
                 "answers": stats.answers,
                 "requests_per_second": round(stats.answers / stats.seconds, 1) if stats.seconds else 0.0,
                 "latency_ms": stats.histogram.summary_ms(),
+                "results": dict(sorted(stats.results.items())),
+                "timeouts": stats.timeouts,
             }
         return {
             "scenario": s.name,
@@ -998,7 +1024,36 @@ class LoadRun:
             "usage": {"events_granted_units": self.events_granted, "reported_octets_by_rating_group": {
                 str(rg): n for rg, n in sorted(self.reported_octets.items())}},
             "phases": phases,
+            **({"steps": self._steps_report()} if s.phases.steps else {}),
         }
+
+    def _steps_report(self) -> list[dict[str, Any]]:
+        """One row per step of a stepped run: what was offered, what was answered how, and how fast."""
+        traffic = self.scenario.traffic
+        per_session = (1 - traffic.event_share) * (traffic.updates + 2) + traffic.event_share
+        rows = []
+        for level, name in zip(self.scenario.phases.steps, self.measured, strict=True):
+            stats = self.phases[name]
+            seconds = stats.seconds or 1e-9
+            busy = stats.results.get("3004", 0)
+            row: dict[str, Any] = {"step": name}
+            if traffic.mode == "open":
+                row["sessions_per_second"] = level
+                row["nominal_requests_per_second"] = round(level * per_session, 1)
+            else:
+                row["in_flight"] = level
+            row.update({
+                "seconds": round(stats.seconds, 3),
+                "sent_per_second": round(stats.sent / seconds, 1),
+                "answered_per_second": round(stats.answers / seconds, 1),
+                "success_per_second": round(stats.results.get(str(SUCCESS), 0) / seconds, 1),
+                "too_busy_share": round(busy / stats.answers, 4) if stats.answers else 0.0,
+                "timeouts": stats.timeouts,
+                "results": dict(sorted(stats.results.items())),
+                "latency_ms": stats.histogram.summary_ms(),
+            })
+            rows.append(row)
+        return rows
 
 
 async def run_scenario(scenario: Scenario, *, on_tick: Callable[[dict], None] | None = None

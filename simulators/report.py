@@ -18,7 +18,7 @@ from rich.text import Text
 
 from simulators.histogram import LatencyHistogram
 
-__all__ = ["LiveProgress", "plot_latency", "print_report"]
+__all__ = ["LiveProgress", "plot_latency", "print_report", "print_steps"]
 
 
 class LiveProgress:
@@ -73,11 +73,12 @@ def print_report(report: dict[str, Any], console: Console) -> None:
             f"{phase['requests_per_second']:,.0f}", *(f"{lat[k]:.2f}" for k in ("p50", "p90", "p99", "p999", "max")),
         )
     console.print(latency)
+    if report.get("steps"):
+        print_steps(report["steps"], console)
     requests, sessions = report["requests"], report["sessions"]
-    console.print(
-        f"[bold]{report['requests_per_second']:,.0f} requests/s[/bold] in the steady phase; "
-        f"results {report['results']}; MSCC results {report['mscc_results']}"
-    )
+    throughput = ("stepped run (no steady phase: see the steps)" if report.get("steps") else
+                  f"[bold]{report['requests_per_second']:,.0f} requests/s[/bold] in the steady phase")
+    console.print(f"{throughput}; results {report['results']}; MSCC results {report['mscc_results']}")
     console.print(
         f"requests: sent {requests['sent']:,} = answered {requests['answered']:,} + timeouts {requests['timeouts']:,}"
         f" + errors {requests['errors']:,} + unanswered {requests['unanswered']:,}  (by type {requests['by_type']}, "
@@ -96,6 +97,23 @@ def print_report(report: dict[str, Any], console: Console) -> None:
                   f"timeouts {report['timeouts']:,}[/{style}]")
     for kind, count in {**report["mismatch_kinds"], **report["error_kinds"]}.items():
         console.print(f"  [red]{count:,} × {escape(kind)}[/red]")
+
+
+def print_steps(steps: list[dict[str, Any]], console: Console) -> None:
+    """A stepped run, one row per step: offered load, answers per second, the 3004 share, latency."""
+    table = Table(title="steps (answers are counted in the step their request was sent in)", title_justify="left")
+    offered = "sessions/s" if "sessions_per_second" in steps[0] else "in flight"
+    for column in ("step", offered, "nominal req/s", "sent/s", "answered/s", "2001/s", "3004 share", "timeouts",
+                   "p50 ms", "p99 ms", "max ms"):
+        table.add_column(column, justify="right" if column != "step" else "left")
+    for row in steps:
+        lat = row["latency_ms"]
+        table.add_row(row["step"], f"{row.get('sessions_per_second', row.get('in_flight', 0)):,g}",
+                      f"{row.get('nominal_requests_per_second', 0):,.0f}", f"{row['sent_per_second']:,.0f}",
+                      f"{row['answered_per_second']:,.0f}", f"{row['success_per_second']:,.0f}",
+                      f"{row['too_busy_share'] * 100:.1f} %", f"{row['timeouts']:,}", f"{lat['p50']:.2f}",
+                      f"{lat['p99']:.2f}", f"{lat['max']:.2f}")
+    console.print(table)
 
 
 def plot_latency(series: list[dict[str, float]], report: dict[str, Any], path: Path,
@@ -129,7 +147,8 @@ def plot_latency(series: list[dict[str, float]], report: dict[str, Any], path: P
         end = start + phase["seconds"]
         if end > start:
             for axis in (top, middle):
-                axis.axvspan(start, end, color=colours.get(name, "#eeeeee"), alpha=0.6, lw=0)
+                step_colour = ("#d8f0d8", "#c8e0f0")[int(name[4:]) % 2] if name.startswith("step") else "#eeeeee"
+                axis.axvspan(start, end, color=colours.get(name, step_colour), alpha=0.6, lw=0)
             top.text((start + end) / 2, 1.0, name, transform=top.get_xaxis_transform(), ha="center",
                      va="bottom", fontsize=8)
         start = end
@@ -150,9 +169,15 @@ def plot_latency(series: list[dict[str, float]], report: dict[str, Any], path: P
         spectrum.legend(loc="upper left")
         spectrum.grid(True, alpha=0.3)
     lat = report["latency_ms"]
-    figure.suptitle(f"{report['scenario']} ({report['mode']} loop): steady {report['requests_per_second']:,.0f} "
-                    f"req/s, p50 {lat['p50']:.2f} ms, p99 {lat['p99']:.2f} ms, p99.9 {lat['p999']:.2f} ms",
-                    fontsize=10)
+    if report.get("steps"):
+        best = max(report["steps"], key=lambda row: row["success_per_second"])
+        title = (f"{report['scenario']} ({report['mode']} loop, {len(report['steps'])} steps): at most "
+                 f"{best['success_per_second']:,.0f} answers 2001/s ({best['step']}); 3004 share of the last step "
+                 f"{report['steps'][-1]['too_busy_share'] * 100:.1f} %")
+    else:
+        title = (f"{report['scenario']} ({report['mode']} loop): steady {report['requests_per_second']:,.0f} "
+                 f"req/s, p50 {lat['p50']:.2f} ms, p99 {lat['p99']:.2f} ms, p99.9 {lat['p999']:.2f} ms")
+    figure.suptitle(title, fontsize=10)
     figure.tight_layout()
     path = Path(path)
     figure.savefig(path, dpi=110)

@@ -119,6 +119,11 @@ class Phases(msgspec.Struct, forbid_unknown_fields=True):
     drain_seconds: float = 10.0
     #: stop starting sessions after this many (0: no limit), e.g. for a smoke test with exact counts
     max_sessions: int = 0
+    #: a stepped run instead of ramp + steady: after warm-up, one measured phase per entry ("step1", ...) of
+    #: `step_seconds` each, at that many sessions/s (open loop) or sessions in flight (closed loop). Shows
+    #: where the server stops keeping up (the knee) and what it answers past it (e.g. 3004 TOO_BUSY)
+    steps: list[float] = msgspec.field(default_factory=list)
+    step_seconds: float = 10.0
 
 
 class Scenario(msgspec.Struct, forbid_unknown_fields=True):
@@ -195,8 +200,12 @@ def _check(scenario: Scenario) -> None:
     for key in ("warmup_seconds", "ramp_seconds", "drain_seconds"):
         if getattr(p, key) < 0:
             bad(f"[phases].{key}", "must not be negative")
-    if p.steady_seconds <= 0:
+    if p.steady_seconds <= 0 and not p.steps:
         bad("[phases].steady_seconds", "must be positive")
+    if any(step <= 0 for step in p.steps):
+        bad("[phases].steps", "every step must be positive (sessions/s, or sessions in flight when closed)")
+    if p.steps and p.step_seconds <= 0:
+        bad("[phases].step_seconds", "must be positive")
     if not 0.0 < p.warmup_level <= 1.0:
         bad("[phases].warmup_level", f"must be within 0..1 (and above 0), got {p.warmup_level}")
     if p.max_sessions < 0:
