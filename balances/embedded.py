@@ -14,6 +14,10 @@ DURABLE_DEFAULTS: dict[str, Any] = {
     "appendfsync": "always",
     "maxmemory-policy": "noeviction",
     "save": "",
+    # a session hash holds values up to a few hundred bytes (the CDR's static part, stored answers): above
+    # the default 64 bytes Valkey switches the whole hash to a hashtable, ~520 B more per open session
+    # (benchmarks/memory.py); listpack lookups over a session's few dozen fields stay cheap
+    "hash-max-listpack-value": "1024",
 }
 
 

@@ -149,6 +149,13 @@ async def warn_if_unsafe(client: aioredis.Redis) -> list[str]:
                 warnings.append(f"Redis {key} is {value!r}, not {wanted!r}: committed charges may be lost")
     except Exception as exc:  # CONFIG may be disabled on managed services
         warnings.append(f"cannot read Redis durability settings ({exc}); make sure AOF fsync is on")
+    try:
+        value = (await client.config_get("hash-max-listpack-value")).get("hash-max-listpack-value")
+        if value is not None and int(value) < 512:
+            log.info("Redis hash-max-listpack-value is %s: open sessions take ~520 B more each than with 1024 "
+                     "(the embedded Valkey's setting; see BENCHMARKS.md, memory)", value)
+    except Exception:  # CONFIG may be disabled on managed services
+        pass
     for warning in warnings:
         log.warning(warning)
     return warnings
