@@ -83,6 +83,11 @@ class ChargeRequest(msgspec.Struct, omit_defaults=True):
     # the session
     command_level: bool = False
     group: str = ""  # the subscriber's sharing group, from the index (Location.group); checked by the script
+    # the rating keys the request was rated with, for the CDR records: "plmn" (normalized serving MCC-MNC,
+    # CDR ratingPlmn) and "destination" (the called address as received, CDR calledPartyAddress); only the
+    # keys the plan's tariffs use, so a request without them sends nothing. A grant keeps them: the record
+    # of the usage reported later names its grant's keys
+    rating_keys: dict[str, str] = {}
 
 
 class MsccOutcome(msgspec.Struct, omit_defaults=True):

@@ -18,15 +18,20 @@ Guiding is set-based SQL: the subscription whose MSISDN (else IMSI) and [start_d
 record's UTC date, on an account of the record's currency.
 
 Buckets: a record's "bucket" map says what it took from each bucket ref ('<id>' the subscriber's, '@<id>'
-its group's): money buckets in micro-units, allowance buckets in their own units. The CDR does not (yet) say
-which unit each ref has, so import resolves it: the record's "bucketUnits" map when the CDR carries one
-(proposed: {ref: unit}, written by the charge script beside "bucket"), else the catalog (billing.toml
-bucket_units, then the rate card's money and allowance buckets). A ref no source knows, or money refs that do
-not add up to the record's amount, make the line malformed (fix bucket_units, import with rescan). Per record
+its group's): money buckets in micro-units, allowance buckets in their own units. Import resolves each ref's
+unit: the record's "bucketUnits" map ({ref: unit}, written by the charge script beside "bucket"), else, for
+CDRs written before it, the catalog (billing.toml bucket_units, then the rate card's money and allowance
+buckets). A ref no source knows, or money refs that do not add up to the record's amount, make the line
+malformed (fix bucket_units, import with rescan). Per record
 this gives: money_invoiced (money from invoiced money buckets: the plan's money bucket, own or shared —
 what a postpaid account owes), money_bonus (money from any other money bucket: bonus, promotions — paid
 already, never invoiced), the shared ('@') parts of both, and allowance_units (informational; re-rating keeps
 them free). money_invoiced + money_bonus = amount, always.
+
+Rating keys and time (billing.rerating reads them): what online charging chose the schedule that priced the
+record with, at the grant the usage was used under: serving_plmn is its "ratingPlmn" (normalized MCC-MNC; it
+follows a handover), else the session's "servingNodePLMN"; destination is "calledPartyAddress"; rated_at is
+"ratedAt" (epoch ms), NULL for CDRs written before it.
 
 Imports msgspec and billing only.
 """
@@ -88,12 +93,14 @@ class _Cdr(msgspec.Struct):
     recordOpeningTime: int | None = None  # noqa: N815
     usage: _Usage | None = None
     bucket: dict[str, int] | None = None
-    bucketUnits: dict[str, str] | None = None  # noqa: N815 - proposed: the unit of each ref of `bucket`
+    bucketUnits: dict[str, str] | None = None  # noqa: N815 - the unit of each ref of `bucket`
     ratingVersion: str | None = None  # noqa: N815
     ccRequestNumber: int | None = None  # noqa: N815
     servingNodePLMN: str | int | None = None  # noqa: N815
     serviceContextId: str | None = None  # noqa: N815
-    calledPartyAddress: str | None = None  # noqa: N815 - not written by the charge script yet
+    calledPartyAddress: str | None = None  # noqa: N815 - the destination the record's schedule was chosen with
+    ratingPlmn: str | None = None  # noqa: N815 - the serving MCC-MNC it was chosen with (normalized)
+    ratedAt: int | None = None  # noqa: N815 - epoch ms: when it was chosen (the grant's time)
     tariff: str | None = None
     tariffParts: list[_TariffPart] | None = None  # noqa: N815
 
@@ -203,6 +210,8 @@ def _row(rec: _Cdr, source: str, line_no: int, now_ms: int, unit_of: UnitOf,
         raise ValueError(f"currency {rec.currency!r} is not an ISO 4217 code")
     if rec.recordTime <= 0 or rec.recordTime > 10**14:
         raise ValueError(f"recordTime {rec.recordTime} is not epoch milliseconds")
+    if rec.ratedAt is not None and (rec.ratedAt <= 0 or rec.ratedAt > 10**14):
+        raise ValueError(f"ratedAt {rec.ratedAt} is not epoch milliseconds")
     if rec.servedMSISDN is None and rec.servedIMSI is None:
         raise ValueError("record has neither servedMSISDN nor servedIMSI")
     if rec.recordType != "close" and rec.ratingGroup is None:
@@ -220,7 +229,7 @@ def _row(rec: _Cdr, source: str, line_no: int, now_ms: int, unit_of: UnitOf,
         if part.tariffChangeUsage not in TARIFF_PARTS:
             raise ValueError(f"unknown tariffChangeUsage {part.tariffChangeUsage!r}")
     split = split_buckets(rec, unit_of, invoiced)
-    plmn = rec.servingNodePLMN
+    plmn = rec.ratingPlmn or rec.servingNodePLMN
     return (
         rec.recordId, rec.recordType, rec.servedMSISDN,
         None if rec.servedIMSI is None else str(rec.servedIMSI), rec.sessionId,
@@ -230,7 +239,7 @@ def _row(rec: _Cdr, source: str, line_no: int, now_ms: int, unit_of: UnitOf,
         now_ms, split.money_invoiced, split.money_bonus, split.money_shared, split.allowance_shared, split.buckets,
         rec.ccRequestNumber, None if plmn is None else str(plmn), rec.serviceContextId or None,
         rec.calledPartyAddress or None, rec.tariff or None,
-        _encode(rec.tariffParts).decode() if rec.tariffParts else None,
+        _encode(rec.tariffParts).decode() if rec.tariffParts else None, rec.ratedAt,
     )
 
 
@@ -240,8 +249,8 @@ _INSERT = (
     "service_id, opening_time, record_time, record_date, usage_time, octets_in, octets_out, octets_total, "
     "usage_units, allowance_units, amount, currency, rating_version, source_file, source_line, imported_at, "
     "money_invoiced, money_bonus, money_shared, allowance_shared, buckets, request_number, serving_plmn, "
-    "service_context, destination, tariff, tariff_parts, state) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+    "service_context, destination, tariff, tariff_parts, rated_at, state) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
     "'received') ON CONFLICT (record_id) DO NOTHING"
 )
 

@@ -203,8 +203,15 @@ _V2 = [
     "CREATE INDEX usage_msisdn_time ON usage_records (msisdn, record_time)",
 ]
 
+# Version 3: when online charging chose the schedule that priced a record (the CDR's ratedAt: the grant's time),
+# for re-rating; NULL for records imported before or from CDRs without it (re-rating derives it then).
+_V3 = [
+    "ALTER TABLE usage_records ADD COLUMN rated_at BIGINT",
+]
+
 # (version, description, statements)
 MIGRATIONS: list[tuple[int, str, list[str]]] = [
     (1, "accounts, usage records, bill runs, invoices, payments, reconciliations", _V1),
     (2, "usage by bucket unit (invoiced, bonus and shared money, allowances) and rating keys", _V2),
+    (3, "the rating time of usage records (CDR ratedAt)", _V3),
 ]

@@ -7,14 +7,16 @@ the version without one), else it is added as a version of its own from its effe
 compiled into one ratecards.Rater, so each record is rated with the version, tariff (time band, roaming
 zone, destination, Service-Context-Id kind, Service-Identifier) and extended pricing in force for it:
 
-- schedule: Rater.schedule_for(plan, rating group, at=<rating time>, plmn=<servingNodePLMN>,
-  destination=<calledPartyAddress>, service_context=<serviceContextId>, service_identifier=...). The plan is
-  the subscription's. Online charging rates reported usage with the schedule of the grant it was used
-  under, chosen at the request that granted it: the rating time of a usage record is the time of the
-  session's previous record of that rating group, else the session's opening (recordOpeningTime); of an
-  event or refund record, its own time. A record split at a Tariff-Time-Change (tariffParts) is rated part
-  by part as online: "before" with the grant's schedule, "after" with the schedule from the change on
-  (Rater.schedule_for's next change), "used" and "indeterminate" at the dearer of the two.
+- schedule: Rater.schedule_for(plan, rating group, at=<rating time>, plmn=<ratingPlmn, else
+  servingNodePLMN>, destination=<calledPartyAddress>, service_context=<serviceContextId>,
+  service_identifier=...). The plan is the subscription's. Online charging rates reported usage with the
+  schedule of the grant it was used under, chosen at the request that granted it: the rating time is the
+  record's ratedAt (the grant's time, as the charge script recorded it); for a CDR without it, a usage
+  record's is the time of the session's previous record of that rating group, else the session's opening
+  (recordOpeningTime), an event or refund record's its own time. A record split at a Tariff-Time-Change
+  (tariffParts) is rated part by part as online: "before" with the grant's schedule, "after" with the
+  schedule from the change on (Rater.schedule_for's next change), "used" and "indeterminate" at the dearer
+  of the two.
 - allowances stay as they were taken online (allowance_units, free; split over the parts in their order),
   the rest is priced in money with ratecards.pricing.charge_for_usage: session scopes count per session,
   day / week / month scopes and caps per subscriber × rating group × period key (Rater.period_key), over
@@ -112,7 +114,7 @@ class _Counters:
 _COLUMNS = ("u.record_id, u.record_type, u.msisdn, u.session_id, u.rating_group, u.service_id, u.opening_time, "
             "u.record_time, u.request_number, u.usage_time, u.octets_in, u.octets_out, u.octets_total, "
             "u.usage_units, u.allowance_units, u.amount, u.money_bonus, u.serving_plmn, u.service_context, "
-            "u.destination, u.tariff_parts, s.plan, u.account_id, a.payment_type, u.invoice_id")
+            "u.destination, u.tariff_parts, u.rated_at, s.plan, u.account_id, a.payment_type, u.invoice_id")
 _FROM = ("FROM usage_records u LEFT JOIN subscriptions s ON s.subscription_id = u.subscription_id "
          "LEFT JOIN accounts a ON a.account_id = u.account_id WHERE u.record_type IN ('usage', 'event', 'refund') ")
 
@@ -136,16 +138,17 @@ def _records(db: Database, run_id: int, counting: bool) -> tuple[list[dict], set
                 f"({invoices}))", (first - CONTEXT_MS, last, run_id)):
             rows.setdefault(r["record_id"], r)
     records = sorted(rows.values(), key=lambda r: (r["record_time"], r["request_number"] or 0, r["record_id"]))
-    # the rating time of usage: the session's previous record of the rating group, else the session's opening
+    # the rating time: the CDR's ratedAt; without it (older CDRs), of usage the session's previous record of the
+    # rating group, else the session's opening
     previous: dict[tuple, int] = {}
     for r in sorted(records, key=lambda r: (r["session_id"] or "", r["rating_group"], r["request_number"] or 0,
                                             r["record_time"])):
         key = (r["session_id"], r["rating_group"])
-        if r["record_type"] == "usage":
-            r["rated_at"] = previous.get(key, r["opening_time"] or r["record_time"]) if r["session_id"] else \
-                r["record_time"]
-        else:
-            r["rated_at"] = r["record_time"]
+        if r["rated_at"] is None:
+            if r["record_type"] == "usage" and r["session_id"]:
+                r["rated_at"] = previous.get(key, r["opening_time"] or r["record_time"])
+            else:
+                r["rated_at"] = r["record_time"]
         if r["session_id"]:
             previous[key] = r["record_time"]
     return records, billed

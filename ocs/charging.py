@@ -276,6 +276,7 @@ def _sum_units(groups: list[Avp]) -> tuple[Units | None, int | None, tuple[Units
 
 _NO_SPLIT: tuple[Units | None, ...] = (None, None, None)
 _NO_PERIODS: dict[str, str] = {}
+_NO_KEYS: dict[str, str] = {}
 _SESSION_KEYS = frozenset({"zone", "destination"})  # the rating keys a session keeps from its CCR-I
 
 
@@ -320,6 +321,21 @@ def _context(message: Message, imsi: str | None) -> dict[str, Any]:
         if apn:
             context["apn"] = apn
     return context
+
+
+def _rated_keys(location: Location, used_keys: frozenset[str]) -> dict[str, str]:
+    """The rating keys a request is rated with (those of its location the plan's tariffs use), for its CDR
+    records (ChargeRequest.rating_keys); the shared empty dict when there are none."""
+    plmn = location.plmn if "zone" in used_keys else ""
+    destination = location.destination if "destination" in used_keys else ""
+    if not plmn and not destination:
+        return _NO_KEYS
+    keys = {}
+    if plmn:
+        keys["plmn"] = plmn
+    if destination:
+        keys["destination"] = destination
+    return keys
 
 
 def _script_schedule(s: RatingSchedule) -> dict:
@@ -668,6 +684,7 @@ class CreditControl:
                 context=context,
                 command_level=command_level and bool(msccs),
                 group=location.group,
+                rating_keys=_rated_keys(location, self.rating.keys_used(location.plan)),
             )
             charge_started = time.perf_counter()
             outcome = await self.store.charge(request, session_location)

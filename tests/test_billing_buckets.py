@@ -259,6 +259,61 @@ def test_rerating_counts_a_session_scope_over_the_records_of_a_call(db, full_cat
                   now_ms=T0)["new_amount"] == 280_000  # once per call, not per record
 
 
+@pytest.mark.parametrize("carried", [True, False], ids=["cdr-with-rating-keys-and-time", "older-cdr"])
+def test_rerating_uses_the_rating_time_and_keys_the_cdr_carries(db, full_catalog, tmp_path: Path,
+                                                                 carried: bool) -> None:
+    """ratedAt, ratingPlmn and calledPartyAddress (what the charge script writes) say when and with which keys
+    online charging chose each record's schedule, so re-rating with the same prices finds no difference. A CDR
+    without them is rated at its derived time with the session's servingNodePLMN and no destination: here
+    three records come out wrong that way (a re-grant after 22:00 with no record of its own, a grant after a
+    handover, a call to France)."""
+    make_account(db, full_catalog, 1, plan="full")
+
+    def record(session: str, number: int, opened: str, reported: str, amount: int, rated: str, *, rg: int = 100,
+               plmn: str = "26201", destination: str | None = None, tariff: str = "") -> dict:
+        fields: dict = {"ratingPlmn": plmn, "ratedAt": utc(rated)}
+        if destination:
+            fields["calledPartyAddress"] = destination
+        tail = {**({"tariff": tariff} if tariff else {}), **(fields if carried else {})}
+        voice = rg == 200
+        return usage_record(session, number, 1, utc(reported), rg=rg, amount=amount, opened=utc(opened),
+                            octets=None if voice else 10 * MB, seconds=90 if voice else None,
+                            bucket={"money": amount}, bucketUnits={"money": "money"}, version="2026-12-full",
+                            context={"serviceContextId": "32260@3gpp.org" if voice else "32251@3gpp.org",
+                                     "servingNodePLMN": "26201"}, **tail)
+
+    write_cdr_file(tmp_path / "cdr", [
+        # opened 21:30 Berlin (day); the CCR-U of 22:05 asked for units only (no record), its night grant
+        # priced the 10 MB the CCR-T reported
+        record("late", 2, "2026-11-03T20:30:00", "2026-11-03T21:20:00", 50_000, "2026-11-03T21:05:00",
+               tariff="night"),
+        # at home, then a handover to 208-01 in the CCR-U of 11:10: the next 10 MB were granted in France
+        record("handover", 1, "2026-11-04T10:00:00", "2026-11-04T10:10:00", 100_000, "2026-11-04T10:00:00"),
+        record("handover", 2, "2026-11-04T10:00:00", "2026-11-04T10:20:00", 200_000, "2026-11-04T10:10:00",
+               plmn="20801", tariff="eu-roaming"),
+        # 90 s to France: 30/6 at 0.29 a minute with the setup fee
+        record("call", 1, "2026-11-03T12:00:00", "2026-11-03T12:02:00", 490_000, "2026-11-03T12:00:00", rg=200,
+               destination="tel:+33612345678", tariff="international-eu"),
+    ])
+    assert import_cdrs(db, tmp_path / "cdr", now_ms=T0 + 6 * DAY, catalog=full_catalog).errors == []
+    stored = db.query("SELECT record_id, serving_plmn, destination, rated_at FROM usage_records "
+                      "WHERE record_id IN ('handover;2;100', 'call;1;200') ORDER BY record_id")
+    if carried:
+        assert stored == [("call;1;200", "26201", "tel:+33612345678", utc("2026-11-03T12:00:00")),
+                          ("handover;2;100", "20801", None, utc("2026-11-04T10:10:00"))]
+    else:
+        assert stored == [("call;1;200", "26201", None, None), ("handover;2;100", "26201", None, None)]
+    run_bill(db, full_catalog, "2026-11", now_ms=T0 + 30 * DAY)
+    finalize(db, full_catalog, "2026-11", today="2026-12-01", now_ms=T0 + 30 * DAY)
+    same = parse_ratecard(corrected_card("2026-12-full-same"))
+    result = rerate(db, full_catalog, same, "2026-11", today="2026-12-02", now_ms=T0 + 31 * DAY)
+    assert result["old_amount"] == 50_000 + 100_000 + 200_000 + 490_000
+    if carried:
+        assert (result["new_amount"], result["adjustments"]) == (result["old_amount"], [])
+    else:  # day price for the late data, home price after the handover, the national price for the call
+        assert result["new_amount"] == 100_000 + 100_000 + 100_000 + 230_000
+
+
 def test_rerating_keeps_bonus_money_paid_and_reports_what_it_would_change(db, tmp_path: Path) -> None:
     catalog = catalog_with()
     account = make_account(db, catalog, 1)
@@ -284,13 +339,23 @@ def test_rerating_keeps_bonus_money_paid_and_reports_what_it_would_change(db, tm
 
 
 async def _charge_with_bonus_and_shared_buckets(valkey_url: str, cdr_dir: Path) -> None:
-    from balances.model import INITIAL, TERMINATION, Bucket, ChargeRequest, MsccCharge, Subscriber, Units
+    from balances.model import (
+        INITIAL,
+        TERMINATION,
+        Bucket,
+        ChargeRequest,
+        MsccCharge,
+        Subscriber,
+        Units,
+        with_schedule_id,
+    )
     from balances.store import BalanceStore
     from ocs.cdr_writer import CdrWriter
     from ratecards import compile_plan
     from tests.test_billing_helpers import imsi, msisdn
 
-    data = msgspec.to_builtins(compile_plan(load_ratecard(DEMO_RATECARD), "demo")[100])
+    # with its content id, as online charging sends it: the reservation names it, the usage is rated with it
+    data = with_schedule_id(msgspec.to_builtins(compile_plan(load_ratecard(DEMO_RATECARD), "demo")[100]))
     store = await BalanceStore.connect(valkey_url)
     try:
         await store.create_group("fam")
@@ -310,8 +375,8 @@ async def _charge_with_bonus_and_shared_buckets(valkey_url: str, cdr_dir: Path) 
                                      plan=at.plan, partition=at.partition, now_ms=now, msccs=[mscc],
                                      origin_host="pgw.test", group=at.group, **extra)
 
-            await store.charge(ccr(INITIAL, 0, MsccCharge(100, data, requested_units=Units(total=octets)), t,
-                                   context={"servedIMSI": imsi(n), "servingNodePLMN": "26201"}))
+            grant = MsccCharge(100, data, requested=True, requested_units=Units(total=octets))
+            await store.charge(ccr(INITIAL, 0, grant, t, context={"servedIMSI": imsi(n), "servingNodePLMN": "26201"}))
             await store.charge(ccr(TERMINATION, 1, MsccCharge(100, data, used=Units(total=octets)), t + 60_000,
                                    termination_cause=1))
         writer = CdrWriter(store.redis, cdr_dir, range(store.partitions), owner="billing-buckets")
@@ -334,11 +399,19 @@ async def test_real_cdrs_with_bonus_and_shared_buckets_bill_to_the_micro_unit(va
                                                "money": 40_000}
     assert usage["491700000001"]["amount"] == 120_000  # 12 MB at 0.01
     assert usage["491700000002"]["bucket"] == {"@family-data": MB}
-    catalog = catalog_with()
+    assert usage["491700000001"]["bucketUnits"] == {"@family-data": "bytes", "bonus": "money", "@money": "money",
+                                                    "money": "money"}
+    # the CDRs name every bucket's unit: a catalog that knows none of these buckets classifies them alike
+    config = msgspec.structs.replace(load_billing_config(DEMO_BILLING_CONFIG), bucket_units={})
+    catalog = Catalog.build(config, load_ratecard(DEMO_RATECARD))
     post = make_account(db, catalog, 1)
     pre = make_account(db, catalog, 2, payment_type="prepaid")
     report = import_cdrs(db, cdr_dir, now_ms=T0 + 3 * DAY, catalog=catalog)
     assert report.errors == [] and report.guide.rejected == 0
+    # the rating time re-rating uses: the grant's (the CCR-I), from the CDR's ratedAt
+    assert db.query("SELECT msisdn, rated_at, record_time FROM usage_records WHERE record_type = 'usage' "
+                    "ORDER BY msisdn") == [("491700000001", T0 + 2 * DAY, T0 + 2 * DAY + 60_000),
+                                           ("491700000002", T0 + DAY, T0 + DAY + 60_000)]
     run = run_bill(db, catalog, "2026-11", now_ms=T0 + 3 * DAY)
     assert run["ties_out"] and run["cdr_amount"] == run["usage_lines"] == 120_000
     assert (run["usage_charged"], run["usage_prepaid"]) == (70_000, 50_000)

@@ -15,6 +15,7 @@ import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from redis.exceptions import ResponseError
 
 from balances import keys as k
 from balances.model import (
@@ -26,12 +27,14 @@ from balances.model import (
     REFUND_ACCOUNT,
     TERMINATION,
     UPDATE,
+    Bucket,
     ChargeOutcome,
     ChargeRequest,
     Location,
     MsccCharge,
     Subscriber,
     Units,
+    with_schedule_id,
 )
 from balances.store import BalanceStore
 from ratecards.pricing import affordable_units, amount_for_units
@@ -341,7 +344,8 @@ async def test_events_all_four_actions_and_duplicates(store):
 
     def event(n: int, action: int, units: int) -> ChargeRequest:
         return ccr(at, "e1", EVENT, n, [mscc(sms, requested_units=Units(units=units))], requested_action=action,
-                   origin_host="mmsc.example", context={"servedIMSI": "262019999999999"})
+                   origin_host="mmsc.example", context={"servedIMSI": "262019999999999"},
+                   rating_keys={"destination": "+33612345678"})
 
     # 2 SMS: the free one, then 5 cents
     outcome = await store.charge(event(0, DIRECT_DEBITING, 2))
@@ -384,6 +388,10 @@ async def test_events_all_four_actions_and_duplicates(store):
     ]
     assert records[0]["usage"] == {"units": 2} and records[0]["originHost"] == "mmsc.example"
     assert records[0]["servedIMSI"] == "262019999999999"
+    # the spine's allowance is in the schedule's unit, its money bucket money; rated with the request's keys now
+    assert [(r["bucketUnits"], r["calledPartyAddress"], r["ratedAt"]) for r in records] == [
+        ({"sms": "events", "money": "money"}, "+33612345678", NOW), ({"money": "money"}, "+33612345678", NOW)]
+    assert all("ratingPlmn" not in r for r in records)
 
 
 # ---- CDR records -------------------------------------------------------------------------------------------
@@ -397,7 +405,7 @@ async def test_cdr_records_exact_format(store):
                            context=context))
     await store.charge(ccr(at, "pgw;1;2", UPDATE, 1, [mscc(s, service_id=7, reporting_reason=3,
                                                           used=Units(total=2_000, input=500, output=1_500))],
-                           origin_host="pgw.example", now=NOW + 1_000))
+                           origin_host="pgw.example", now=NOW + 1_000, rating_keys={"plmn": "20801"}))
     await store.charge(ccr(at, "pgw;1;2", TERMINATION, 2, [mscc(s, used=Units(total=0), requested=False)],
                            origin_host="pgw.example", now=NOW + 2_000, termination_cause=4))
     shared = {"schemaVersion": 1, "servedMSISDN": at.msisdn, "servedIMSI": "262011234567890",
@@ -407,17 +415,62 @@ async def test_cdr_records_exact_format(store):
         {**shared, "recordId": "pgw;1;2;1;32", "recordType": "usage", "ccRequestNumber": 1,
          "recordTime": NOW + 1_000, "ratingGroup": 32, "serviceIdentifier": 7,
          "usage": {"octetsIn": 500, "octetsOut": 1_500, "octetsTotal": 2_000}, "amount": CENT, "currency": "EUR",
-         "bucket": {"money": CENT}, "ratingVersion": "2026-11", "reportingReason": 3},
+         "bucket": {"money": CENT}, "bucketUnits": {"money": "money"}, "ratingVersion": "2026-11",
+         "reportingReason": 3, "ratingPlmn": "20801", "ratedAt": NOW + 1_000},
         {**shared, "recordId": "pgw;1;2;2;32", "recordType": "usage", "ccRequestNumber": 2,
          "recordTime": NOW + 2_000, "ratingGroup": 32, "usage": {"octetsTotal": 0}, "amount": 0,
-         "currency": "EUR", "bucket": {}, "ratingVersion": "2026-11"},
+         "currency": "EUR", "bucket": {}, "ratingVersion": "2026-11", "ratedAt": NOW + 2_000},
         {**shared, "recordId": "pgw;1;2;2;close", "recordType": "close", "ccRequestNumber": 2,
          "recordTime": NOW + 2_000, "causeForRecClosing": "managementIntervention", "amount": 0,
          "currency": "EUR"},
     ]
-    # one stream entry, one field named r
-    for _, fields in await store.redis.xrange(k.cdr_key(at.partition)):
+    # one stream entry, one field named r; the bucket units beside the bucket map, the rating keys and time last
+    entries = await store.redis.xrange(k.cdr_key(at.partition))
+    for _, fields in entries:
         assert list(fields) == [b"r"]
+    assert list(msgspec.json.decode(entries[0][1][b"r"]))[-8:] == [
+        "amount", "currency", "bucket", "bucketUnits", "ratingVersion", "reportingReason", "ratingPlmn", "ratedAt"]
+
+
+async def test_records_carry_bucket_units_and_when_and_with_which_keys_their_schedule_was_chosen(store):
+    """bucketUnits: a metadata bucket's unit, the spine's allowance in the schedule's unit, money buckets
+    "money". ratedAt and the rating keys are the grant's (kept in the reservation as "a", "d", "z"): usage
+    reported with a handover was used under the old network's grant, so billing re-rates it with that."""
+    await store.provision(Subscriber(msisdn="491701000020"), 1_000_000, {"minutes": 60},
+                          buckets=(Bucket("pack", "seconds", 60, services=(10,), priority=50),
+                                   Bucket("bonus", "money", 100_000, priority=10)), now_ms=NOW)
+    at = await store.locate_msisdn("491701000020")
+    assert at is not None
+    s = with_schedule_id(msgspec.to_builtins(schedule(unit="seconds", increment=60, price_num=100_000,
+                                                      default_quota=300, allowances=("minutes",))))
+    home = {"plmn": "26201", "destination": "+4915112345678"}
+
+    def call(number: int, now: int, used: int | None, **extra: Any) -> ChargeRequest:
+        return ccr(at, "roam;1", TERMINATION if number == 2 else (UPDATE if number else INITIAL), number,
+                   [MsccCharge(rating_group=10, schedule=s, requested=number < 2,
+                               used=None if used is None else Units(time=used))], now=now, **extra)
+
+    await store.charge(call(0, NOW, None, rating_keys=home))
+    # a handover to 208-01 reported with the 200 s used at home: 60 s pack, 60 s minutes, 2 minutes of money
+    await store.charge(call(1, NOW + 200_000, 200, rating_keys={**home, "plmn": "20801"}))
+    reservation = msgspec.json.decode(await store.redis.hget(k.ses_key(at.partition, "roam;1"), "r:10"))
+    assert (reservation["a"], reservation["d"], reservation["z"]) == (NOW + 200_000, "+4915112345678", "20801")
+    await store.charge(call(2, NOW + 260_000, 30))  # a request without keys: its usage is the grant's anyway
+    first, second, _ = await cdrs(store.redis, at.partition)
+    assert first["bucket"] == {"pack": 60, "minutes": 60, "bonus": 100_000, "money": 100_000}
+    assert first["bucketUnits"] == {"pack": "seconds", "minutes": "seconds", "bonus": "money", "money": "money"}
+    assert (first["ratedAt"], first["ratingPlmn"], first["calledPartyAddress"]) == (NOW, "26201", "+4915112345678")
+    assert (second["bucket"], second["bucketUnits"]) == ({"money": 100_000}, {"money": "money"})
+    assert (second["ratedAt"], second["ratingPlmn"], second["calledPartyAddress"]) == (
+        NOW + 200_000, "20801", "+4915112345678")
+
+
+async def test_malformed_rating_keys_are_refused_before_any_write(store):
+    at = await subscriber(store, "491701000021", 1_000_000)
+    before = await dump(store.redis)
+    with pytest.raises(ResponseError, match="invalid rating_keys"):
+        await store.charge(ccr(at, "k1", UPDATE, 1, [mscc(schedule())], rating_keys={"plmn": 26201}))
+    assert await dump(store.redis) == before
 
 
 async def test_big_numbers_are_exact_everywhere(store):

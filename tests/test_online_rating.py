@@ -2,11 +2,11 @@
 
 Each request is rated with the schedule in force at its time and with its rating keys: a night band with
 Tariff-Time-Change at the band boundary and the usage split by Tariff-Change-Usage, a roaming zone from
-3GPP-SGSN-MCC-MNC kept for the CCR-U that do not repeat it, a voice call by destination prefix, a session
-across midnight, a new rate-card version picked up without restart, and a bundle-only rating group answered
-5030 with Final-Unit-Indication REDIRECT (the real capture beeline_cca_fui_redirect has that shape), a
-fair-usage limit answered with its RESTRICT_ACCESS filters, and events (price enquiry, direct debit) rated
-alike.
+3GPP-SGSN-MCC-MNC kept for the CCR-U that do not repeat it, a voice call by destination prefix (its CDR
+records carry the keys, time and bucket units billing re-rates with), a session across midnight, a new
+rate-card version picked up without restart, and a bundle-only rating group answered 5030 with
+Final-Unit-Indication REDIRECT (the real capture beeline_cca_fui_redirect has that shape), a fair-usage limit
+answered with its RESTRICT_ACCESS filters, and events (price enquiry, direct debit) rated alike.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from ocs.charging import rating_keys
 from ocs.clock import FixedClock
 from ocs.server import ServerApp
 from protocol.codec import decode_message, encode_message
-from tests.gateway import Gateway, start_app, wait_for
+from tests.gateway import Gateway, cdr_records, start_app, wait_for
 
 CARD = """
 version = "online-1"
@@ -313,6 +313,34 @@ async def test_voice_is_priced_by_destination_prefix(server, gateway):
         answer = await gateway.request(ccr(session, 3, 1, mscc(VOICE, usu("CC-Time", 120)), context="32260@3gpp.org"))
         assert answer.get("Result-Code") == 2001
         assert before - await money(server) == 2 * price, session
+
+
+async def test_a_call_priced_by_destination_leaves_cdrs_billing_can_re_rate(server, gateway, clock):
+    """The CDR records of a call say what online charging priced them with: the called party and serving
+    network of the grant (a handover reported in the CCR-U moves only what follows it), when that grant
+    chose the schedule (ratedAt), and the unit of every bucket drawn from (bucketUnits)."""
+    start = clock.now_ms()
+    keys = serving_network(HOME) + called("tel:+33612345678")
+    answer = await gateway.request(ccr("call;cdr", 1, 0, mscc(VOICE, RSU), context="32260@3gpp.org",
+                                       service_information=keys))
+    assert answer.get("Result-Code") == 2001
+    clock.advance(120)
+    answer = await gateway.request(ccr("call;cdr", 2, 1, mscc(VOICE, RSU, usu("CC-Time", 120)),
+                                       context="32260@3gpp.org", service_information=serving_network(EU_NETWORK)))
+    assert answer.get("Result-Code") == 2001
+    clock.advance(60)
+    answer = await gateway.request(ccr("call;cdr", 3, 2, mscc(VOICE, usu("CC-Time", 60)), context="32260@3gpp.org"))
+    assert answer.get("Result-Code") == 2001
+    await server.stop()  # drains the CDR streams to files
+    records = [r for r in cdr_records(server.config.cdr_directory) if r["recordType"] == "usage"]
+    assert [(r["ccRequestNumber"], r["amount"], r["tariff"], r["bucket"], r["bucketUnits"]) for r in records] == [
+        (1, 2 * 1_200_000, "to-eu", {"money": 2 * 1_200_000}, {"money": "money"}),
+        (2, 1_200_000, "to-eu", {"money": 1_200_000}, {"money": "money"}),
+    ]
+    assert [(r["calledPartyAddress"], r["ratingPlmn"], r["ratedAt"], r["recordTime"]) for r in records] == [
+        ("tel:+33612345678", HOME, start, start + 120_000),
+        ("tel:+33612345678", EU_NETWORK, start + 120_000, start + 180_000),
+    ]
 
 
 async def test_price_enquiry_and_direct_debit_use_the_same_tariffs(server, gateway, clock):

@@ -116,7 +116,7 @@ async def test_grant_across_a_change_is_held_at_the_dearer_and_names_both_schedu
                                                            CHANGE)
     assert m.final_unit_action == 0  # less than asked: the balance's last units
     record = msgspec.json.decode(await store.redis.hget(k.ses_key(at.partition, "g"), "r:20"))
-    assert record == {"u": 90, "b": {"money": 30 * CENT}, "s": as_dict(OFFPEAK)["id"], "t": CHANGE,
+    assert record == {"u": 90, "b": {"money": 30 * CENT}, "s": as_dict(OFFPEAK)["id"], "a": NOW, "t": CHANGE,
                       "n": as_dict(PEAK)["id"]}
     filed = await store.redis.hgetall(k.schedules_key(at.partition))
     assert set(filed) == {as_dict(OFFPEAK)["id"].encode(), as_dict(PEAK)["id"].encode()}
@@ -163,6 +163,7 @@ async def test_usage_before_and_after_are_rated_with_their_own_schedules(store):
     assert m.tariff_change_ms is None
     [record] = [r for r in await cdrs(store, at.partition) if r["recordType"] == "usage"]
     assert (record["usage"], record["amount"], record["bucket"]) == ({"time": 90}, 20 * CENT, {"money": 20 * CENT})
+    assert (record["bucketUnits"], record["ratedAt"]) == ({"money": "money"}, NOW)  # the grant chose the schedules
     assert record["tariffParts"] == [
         {"tariffChangeUsage": "before", "usage": {"time": 60}, "amount": 10 * CENT, "tariff": "offpeak",
          "ratingVersion": "rc-ttc"},
@@ -172,7 +173,7 @@ async def test_usage_before_and_after_are_rated_with_their_own_schedules(store):
     # the new grant holds the peak price and names only the peak schedule
     assert m.reserved == charge_for_usage(PEAK, 300)
     record = msgspec.json.decode(await store.redis.hget(k.ses_key(at.partition, sid), "r:20"))
-    assert record == {"u": 300, "b": {"money": m.reserved}, "s": as_dict(PEAK)["id"]}
+    assert record == {"u": 300, "b": {"money": m.reserved}, "s": as_dict(PEAK)["id"], "a": CHANGE + 30_000}
     await store.charge(ccr(at, sid, TERMINATION, 2, [mscc(PEAK, requested=False, used=12)], now=CHANGE + 60_000))
     assert await money_of(store, at.msisdn) == (10**8 - 20 * CENT - 4 * CENT, 0)
     report = await audit(store, None)
@@ -204,13 +205,16 @@ async def test_usage_is_rated_with_the_schedule_of_its_grant_even_after_a_new_ca
     at = await subscriber(store, 10**8)
     await store.charge(ccr(at, "v", INITIAL, 0, [mscc(OFFPEAK)]))
     dearer_card = voice(5 * CENT, "", version="rc-new")
-    outcome = await store.charge(ccr(at, "v", UPDATE, 1, [mscc(dearer_card, used=60)]))
+    outcome = await store.charge(ccr(at, "v", UPDATE, 1, [mscc(dearer_card, used=60)], now=NOW + 10_000))
     assert outcome.msccs[0].amount == 10 * CENT
     [record] = [r for r in await cdrs(store, at.partition) if r["recordType"] == "usage"]
-    assert (record["ratingVersion"], record["tariff"]) == ("rc-ttc", "offpeak")
+    # ratedAt: when the schedule that priced the usage was chosen, the grant's time (billing re-rates with it)
+    assert (record["ratingVersion"], record["tariff"], record["ratedAt"]) == ("rc-ttc", "offpeak", NOW)
     # the new grant is the new card's: its usage is rated with it
-    outcome = await store.charge(ccr(at, "v", UPDATE, 2, [mscc(dearer_card, used=60)]))
+    outcome = await store.charge(ccr(at, "v", UPDATE, 2, [mscc(dearer_card, used=60)], now=NOW + 20_000))
     assert outcome.msccs[0].amount == 50 * CENT
+    second = [r for r in await cdrs(store, at.partition) if r["recordType"] == "usage"][1]
+    assert (second["ratingVersion"], second["ratedAt"]) == ("rc-new", NOW + 10_000)
 
 
 async def test_unknown_schedule_id_falls_back_to_the_requests_schedule(store):
@@ -220,6 +224,8 @@ async def test_unknown_schedule_id_falls_back_to_the_requests_schedule(store):
     # the request's schedule differs from both: the filed ones are gone, so it prices the usage
     outcome = await store.charge(ccr(at, sid, UPDATE, 1, [mscc(other, used=60)], now=CHANGE + 1))
     assert outcome.msccs[0].amount == 30 * CENT
+    [record] = [r for r in await cdrs(store, at.partition) if r["recordType"] == "usage"]
+    assert (record["tariff"], record["ratedAt"]) == ("other", CHANGE + 1)  # chosen by this request
 
 
 async def test_split_usage_advances_the_counters_of_its_own_periods(store):

@@ -54,9 +54,16 @@
 --    (use:{p}:<msisdn> per period key from MsccCharge.periods; scope "session": "c" in the reservation).
 --  * The reservation r:<rg> is {"u": units, "b": {ref: held}, "f": final-units state, "w": 1 when f comes
 --    from fair usage, "c": session-scope units (kept without a grant too), "s": id of the schedule it was
---    granted with, "p": its period keys, and when the MSCC carried a Tariff-Time-Change "t": the change
---    (ms), "n" / "q": the next schedule id and its period keys}. Schedules are filed by id in sched:{p}
---    (HSET whenever a reservation written names one; content-addressed, so never stale).
+--    granted with, "a": the time of that grant (ms), "d" / "z": the destination and PLMN of its rating keys
+--    (when the request had them), "p": its period keys, and when the MSCC carried a Tariff-Time-Change "t":
+--    the change (ms), "n" / "q": the next schedule id and its period keys}. Schedules are filed by id in
+--    sched:{p} (HSET whenever a reservation written names one; content-addressed, so never stale).
+--  * CDR usage records (common.lua rated_record) carry besides "bucket" its refs' units ("bucketUnits"), and
+--    when and with which rating keys the schedule that rated the usage was chosen, so billing re-rates it
+--    alike: "ratedAt", "calledPartyAddress", "ratingPlmn" = the reservation's "a", "d", "z" when its schedule
+--    "s" rated it (the grant's: usage reported after a handover was used under the old network's grant),
+--    else the request's now_ms and rating keys (ChargeRequest.rating_keys). A reservation written before "a"
+--    existed gives no ratedAt (billing derives it) and the request's keys.
 --  * Tariff-Time-Change: a grant with tariff_change_ms is held at the dearer of the two schedules (the units
 --    both afford, at the higher charge) and answered with tariff_change_ms (only when units are granted).
 --    Usage is rated with the reservation's schedules: used_before with "s", used_after with "n",
@@ -206,6 +213,15 @@ local function file_schedule(s, r)
   end
 end
 local PART_NAMES = { 'used', 'before', 'after', 'indeterminate' }
+-- the request's rating keys: as CDR members, and as a reservation's "d" / "z" (the grant's keys)
+local request_keys = rating_keys_json(req.rating_keys.destination, req.rating_keys.plmn)
+local held_keys = ''
+if present(req.rating_keys.destination) and req.rating_keys.destination ~= '' then
+  held_keys = ',"d":' .. encode(req.rating_keys.destination)
+end
+if present(req.rating_keys.plmn) and req.rating_keys.plmn ~= '' then
+  held_keys = held_keys .. ',"z":' .. encode(req.rating_keys.plmn)
+end
 
 local outcomes = {}
 for i, m in ipairs(req.msccs) do
@@ -239,8 +255,14 @@ for i, m in ipairs(req.msccs) do
   if reports then
     local gs, gp, after = s, m.periods, nil
     local gone = r and schedule_by_id(r.s)
+    local rated_at, keys = now, request_keys -- when and with which keys its schedule was chosen (the CDR's)
     if gone then
       gs, gp = gone, present(r.p) and r.p or m.periods
+      if present(r.a) then -- the grant's (a reservation written before "a" says neither: the request's keys)
+        rated_at, keys = r.a, rating_keys_json(r.d, r.z)
+      else
+        rated_at = nil
+      end
     end
     local g = view_of(gs, gp, rg, cs, sess)
     local change = gone and present(r.t) and r.t or nil
@@ -286,7 +308,7 @@ for i, m in ipairs(req.msccs) do
       end
     end
     o.amount = amount
-    rated_record(cdr_key, 'usage', rec, m, rated, usage, amount, taken,
+    rated_record(cdr_key, 'usage', rec, p, m, rated, usage, amount, taken, rated_at, keys,
       listed and ',"tariffParts":[' .. concat(listed, ',') .. ']')
     if #taken > 0 then
       debits[#debits + 1] = { rg, amount, taken }
@@ -345,12 +367,12 @@ for i, m in ipairs(req.msccs) do
             end
           end
           -- the record: {"u", "b", "f", "w": 1 when fair usage set f, "c": session-scope units, "s": the
-          -- schedule id, "p": its period keys, and with a Tariff-Time-Change "t" (ms), "n", "q": the next
-          -- schedule id and period keys}
+          -- schedule id, "a" / "d" / "z": the grant's time (ms), destination and PLMN, "p": its period keys,
+          -- and with a Tariff-Time-Change "t" (ms), "n", "q": the next schedule id and period keys}
           local extra = ''
           if s.id then
             file_schedule(s, r)
-            extra = ',"s":"' .. s.id .. '"'
+            extra = ',"s":"' .. s.id .. '","a":' .. int(now) .. held_keys
             if next(m.periods) then extra = extra .. ',"p":' .. jval(m.periods) end
             if change and m.next_schedule.id then
               file_schedule(m.next_schedule, r)

@@ -290,6 +290,13 @@ local function check_request(req)
   if type(req.context) ~= 'table' or type(req.origin_host) ~= 'string' or not is_int(req.end_to_end) then
     return 'context, origin_host or end_to_end'
   end
+  local keys = req.rating_keys
+  if not present(keys) then
+    req.rating_keys = {}
+  elseif type(keys) ~= 'table' or (keys.plmn ~= nil and type(keys.plmn) ~= 'string')
+    or (keys.destination ~= nil and type(keys.destination) ~= 'string') then
+    return 'rating_keys'
+  end
   for _, m in ipairs(req.msccs) do
     if not is_int(m.rating_group) then return 'rating_group' end
     if present(m.service_id) and not is_int(m.service_id) then return 'service_id' end
@@ -1369,6 +1376,16 @@ local function record_parts(static, session_id, n, now)
   }
 end
 
+-- the members of a rated record for the rating keys its schedule was chosen with (ChargeRequest.rating_keys,
+-- or a reservation's "d" / "z"): "calledPartyAddress" (as received) and "ratingPlmn" (normalized MCC-MNC);
+-- '' without keys
+local function rating_keys_json(destination, plmn)
+  local out = ''
+  if present(destination) and destination ~= '' then out = ',"calledPartyAddress":' .. encode(destination) end
+  if present(plmn) and plmn ~= '' then out = out .. ',"ratingPlmn":' .. encode(plmn) end
+  return out
+end
+
 local function usage_json(u)
   local p = {}
   local v = u.time
@@ -1384,9 +1401,42 @@ local function usage_json(u)
   return '{' .. concat(p, ',') .. '}'
 end
 
--- one usage / event / refund record for one MSCC; `usage` is a Units table; `extra`: more members (JSON
--- text starting with ',') or nil. A schedule of a named tariff adds "tariff".
-local function rated_record(cdr_key, record_type, rec, m, s, usage, amount, taken, extra)
+-- the "bucketUnits" member of a record: the unit of each ref in `taken` (billing classifies by it). A bucket
+-- with metadata has its unit; one without is the spine's: an allowance the schedule `s` names (the request's,
+-- which chose the sources) is in the schedule's unit, any other is a money bucket. '' when nothing was taken.
+local function bucket_units_json(p, s, taken)
+  if #taken == 0 then
+    return ''
+  end
+  local parts = {}
+  for i, kv in ipairs(taken) do
+    local ref = kv[1]
+    local w, id = p.own, ref
+    if byte(ref, 1) == 64 then -- '@': the group's
+      w, id = p.grp, strsub(ref, 2)
+    end
+    local meta = w and w.m and w.m[id]
+    local unit = meta and meta.unit
+    if not present(unit) then
+      unit = 'money'
+      for _, a in ipairs(s.allowances) do
+        if a == ref then
+          unit = s.unit
+          break
+        end
+      end
+    end
+    parts[i] = encode(ref) .. ':' .. encode(unit)
+  end
+  return ',"bucketUnits":{' .. concat(parts, ',') .. '}'
+end
+
+-- one usage / event / refund record for one MSCC; `usage` is a Units table; `taken` the ordered {ref, amount}
+-- list (its units from the purse p: bucketUnits); `rated_at` and `keys`: when and with which rating keys
+-- (rating_keys_json) the schedule that priced it was chosen (the grant's, or the request's own; rated_at nil:
+-- unknown, omitted); `extra`: more members (JSON text starting with ',') or nil. A schedule of a named tariff
+-- adds "tariff".
+local function rated_record(cdr_key, record_type, rec, p, m, s, usage, amount, taken, rated_at, keys, extra)
   local rg = int(m.rating_group)
   local service, reason = '', ''
   if present(m.service_id) then
@@ -1397,9 +1447,10 @@ local function rated_record(cdr_key, record_type, rec, m, s, usage, amount, take
   end
   call('XADD', cdr_key, '*', 'r', rec.head .. rg .. '","recordType":"' .. record_type .. '"' .. rec.tail
     .. ',"ratingGroup":' .. rg .. service .. ',"usage":' .. usage_json(usage) .. ',"amount":' .. int(amount)
-    .. ',"currency":' .. encode(s.currency) .. ',"bucket":' .. buckets_json(taken) .. ',"ratingVersion":'
-    .. encode(s.version) .. reason .. ((s.tariff and s.tariff ~= '') and ',"tariff":' .. encode(s.tariff) or '')
-    .. (extra or '') .. '}')
+    .. ',"currency":' .. encode(s.currency) .. ',"bucket":' .. buckets_json(taken)
+    .. bucket_units_json(p, m.schedule, taken) .. ',"ratingVersion":' .. encode(s.version) .. reason
+    .. ((s.tariff and s.tariff ~= '') and ',"tariff":' .. encode(s.tariff) or '') .. keys
+    .. (rated_at and ',"ratedAt":' .. int(rated_at) or '') .. (extra or '') .. '}')
 end
 
 local function close_record(cdr_key, rec, cause, currency)

@@ -29,6 +29,7 @@
 -- Every processed answer (all four actions) is stored under evt:... for TTL_MS for duplicates; answers
 -- that change nothing (5030, 4010, stale plan) are not. A barred or suspended subscriber gets 4010 for
 -- DIRECT_DEBITING, a terminated one 5030 for every action. Expired buckets are settled first.
+-- CDR records carry "bucketUnits", the request's rating keys and "ratedAt" = now_ms (as charge.lua's).
 
 local TTL_MS = 300000
 
@@ -68,6 +69,7 @@ end
 
 local rec = record_parts(cdr_static(req.msisdn, sub[4], req.session_id, req.origin_host, req.context, now),
   req.session_id, req.request_number, now)
+local keys = rating_keys_json(req.rating_keys.destination, req.rating_keys.plmn) -- the records' rating keys
 
 local function usage_of(unit, units)
   if unit == 'bytes' then
@@ -101,7 +103,7 @@ for i, m in ipairs(req.msccs) do
   if not s.credit_control then
     o.result_code = 4011
     if action == 0 then
-      rated_record(cdr_key, 'event', rec, m, s, usage_of(s.unit, units), 0, {})
+      rated_record(cdr_key, 'event', rec, p, m, s, usage_of(s.unit, units), 0, {}, now, keys)
     end
   elseif action == 0 and s.barred then
     o.result_code = 4010
@@ -121,7 +123,7 @@ for i, m in ipairs(req.msccs) do
       end
       o.amount = amount
       o.granted = units_json(s.unit, units)
-      rated_record(cdr_key, 'event', rec, m, s, usage_of(s.unit, units), amount, taken)
+      rated_record(cdr_key, 'event', rec, p, m, s, usage_of(s.unit, units), amount, taken, now, keys)
       if #taken > 0 then
         debits[#debits + 1] = { m.rating_group, amount, taken }
       end
@@ -136,8 +138,8 @@ for i, m in ipairs(req.msccs) do
         req.session_id .. ';' .. int(req.request_number) .. ';' .. int(m.rating_group), now)
     end
     o.amount = -amount
-    rated_record(cdr_key, 'refund', rec, m, s, usage_of(s.unit, units), -amount,
-      { { s.money_bucket, -amount } })
+    rated_record(cdr_key, 'refund', rec, p, m, s, usage_of(s.unit, units), -amount,
+      { { s.money_bucket, -amount } }, now, keys)
   elseif action == 2 then
     local src = sources(p, s, m.rating_group, now, nil)
     local _, _, fits = plan_debit(p, v, src, units, s.requires_bucket)
