@@ -1319,7 +1319,8 @@ class BalanceStore:
         if location is None:
             raise UnknownSubscriber(msisdn)
         p = location.partition
-        keys = [k.sub_key(p, msisdn), k.bal_key(p, msisdn), k.ledger_key(p), k.expiry_key(p), k.renewal_key(p)]
+        keys = [k.sub_key(p, msisdn), k.bal_key(p, msisdn), k.ledger_key(p), k.expiry_key(p), k.renewal_key(p),
+                k.cdr_key(p)]  # the fee records of the purchase or period go to the partition's CDR stream
         if reference:
             keys.append(k.operation_key(p, args["op"], reference))
         payload = _encoder.encode({"msisdn": msisdn, **args})

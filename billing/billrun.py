@@ -6,19 +6,27 @@ period P (`2026-11`) closes each account's cycle that starts in P and produces o
   of earlier cycles included), at the amount online charging wrote into the CDR, one line per MSISDN ×
   rating group. Postpaid accounts are charged; prepaid usage is shown as consumed (charged = 0: it was paid
   from the prepaid balance) and never charged twice;
+- catalog fees from fee records (a plan period's fee, an add-on purchase: charged online in the same call as
+  the debit), claimed with the usage: one line each, "Plan travel, 2026-12" / "Add-on data-5gb". Postpaid:
+  the money from invoiced money buckets is charged (bonus money shown as paid); prepaid: shown as paid from
+  the balance;
 - recurring fees in advance: every day of cycles P and P+1 a subscription covers is billed exactly once.
   What has been billed before (invoice lines with their day ranges) is compared with what the
   subscriptions say now; missing days are charged, days billed but no longer covered (a plan change, an
-  end) are credited at the fee they were charged at, with cumulative daily proration (billing.money);
+  end) are credited at the fee they were charged at, with cumulative daily proration (billing.money). One
+  rule keeps the two fee sources apart: a subscription with a catalog plan fee record (guided to it) gets its
+  recurring fee from the catalog's records from the first day of that record's period on, and no recurring
+  charge of billing's own for those days (days billed before it arrived are credited);
 - pending one-off charges, adjustments and re-rating corrections dated before the cycle's end;
 - tax per line from the table (jurisdiction × category), rounded once per line.
 
 Usage records are claimed first (UPDATE ... FROM invoices: state billed, invoice id) and the lines are
 aggregated from exactly the claimed records, so what was imported concurrently is either on the invoice
-or left for the next run; the run then checks that the claimed CDR amounts equal the usage lines (tie-out)
-and rolls back if not. Re-running a draft period rebuilds it from scratch (same inputs, same invoices); a
-finalized period is never touched again. Finalization numbers invoices gaplessly per legal entity inside
-one transaction; afterwards only credit notes change what is owed. Re-rating is billing.rerating.
+or left for the next run; the run then checks that the claimed CDR amounts equal the usage lines, and the
+claimed fee records the fee lines (tie-out), and rolls back if not. Re-running a draft period rebuilds it
+from scratch (same inputs, same invoices); a finalized period is never touched again. Finalization numbers
+invoices gaplessly per legal entity inside one transaction; afterwards only credit notes change what is owed.
+Re-rating is billing.rerating.
 
 Imports billing and ratecards only.
 """
@@ -91,19 +99,25 @@ class _Line:
 
 
 def _fee_lines(catalog: Catalog, subs: list[tuple], coverage: dict[int, list[tuple]],
-               cycles: list[tuple[date, date]]) -> list[_Line]:
-    """Recurring charges and credits that make every covered day of `cycles` billed exactly once."""
+               cycles: list[tuple[date, date]], catalog_from: dict[int, date] | None = None) -> list[_Line]:
+    """Recurring charges and credits that make every covered day of `cycles` billed exactly once. A subscription
+    in `catalog_from` pays its plan through catalog fee records from that day on: billing charges no recurring
+    fee for those days (and credits what it billed for them before)."""
     lines: list[_Line] = []
     mode, minor = catalog.config.proration_rounding, catalog.minor
     for sub_id, msisdn, plan, start_text, end_text in subs:
         sub_start = date.fromisoformat(start_text)
         sub_end = date.fromisoformat(end_text) if end_text else date.max
+        if catalog_from and int(sub_id) in catalog_from:
+            sub_end = min(sub_end, catalog_from[int(sub_id)])
         fee = catalog.plan_fees.get(plan)
+        billed = coverage.get(sub_id, [])
         if fee is None:
+            if sub_start >= sub_end and not billed:
+                continue  # the catalog charges its whole plan: no fee of billing's own needed
             raise BillingError(f"plan {plan!r} of MSISDN {msisdn} has no recurring fee in the billing catalog")
         plan_name = catalog.config.plans[plan].name or plan
         category = catalog.config.plans[plan].tax_category
-        billed = coverage.get(sub_id, [])
         for cycle_start, cycle_end in cycles:
             days = (cycle_end - cycle_start).days
             want_from = max(sub_start, cycle_start)
@@ -191,6 +205,48 @@ def _usage_lines(catalog: Catalog, charged: int, msisdn: str, rg: int | None, co
     return lines
 
 
+def _utc_day(ms: int) -> date:
+    return datetime.fromtimestamp(ms / 1000, UTC).date()
+
+
+def fee_period_text(start_ms: int, end_ms: int) -> str:
+    """A plan period as the invoice names it: '2026-12' for a calendar month (UTC), else first – last day."""
+    first, last = _utc_day(start_ms), _utc_day(end_ms - 1)
+    if start_ms == _ms(first) and first.day == 1 and end_ms == _ms(_add_month(first)):
+        return first.strftime("%Y-%m")
+    return first.isoformat() if first == last else f"{first.isoformat()} – {last.isoformat()}"
+
+
+def fee_description(fee_type: str, item: str, start_ms: int | None, end_ms: int | None) -> str:
+    """'Plan travel, 2026-12' / 'Add-on data-5gb': what a catalog fee record paid for."""
+    if fee_type == "plan":
+        period = f", {fee_period_text(start_ms, end_ms)}" if start_ms is not None and end_ms is not None else ""
+        return f"Plan {item}{period}"
+    return f"Add-on {item}"
+
+
+def _fee_record_lines(charged: int, msisdn: str, fee_type: str, item: str, start_ms: int | None,
+                      end_ms: int | None, day: str, amount: int, bonus: int, category: str) -> list[_Line]:
+    """The lines of one catalog fee record. Postpaid: the money from invoiced money buckets is charged, bonus
+    money shown as paid (charged = 0); prepaid: all of it shown as paid from the balance. They add up to the
+    record's amount (the tie-out)."""
+    what = fee_description(fee_type, item, start_ms, end_ms)
+    period_from, period_to = day, None
+    if fee_type == "plan" and start_ms is not None and end_ms is not None:
+        period_from = _utc_day(start_ms).isoformat()
+        period_to = (_utc_day(end_ms - 1) + timedelta(days=1)).isoformat()  # exclusive, as recurring lines
+    common = {"kind": "fee", "category": category, "msisdn": msisdn, "records": 1, "period_from": period_from,
+              "period_to": period_to}
+    if not charged:
+        return [_Line(description=f"{what} ({msisdn}, prepaid, paid from balance)", amount=amount, charged=0,
+                      **common)]
+    lines = [_Line(description=f"{what} ({msisdn})", amount=amount - bonus, charged=1, **common)]
+    if bonus:
+        lines.append(_Line(description=f"{what} ({msisdn}) paid from bonus balance", amount=bonus, charged=0,
+                           **common))
+    return lines
+
+
 _INVOICE_INSERT = (
     "INSERT INTO invoices (invoice_id, kind, status, run_id, account_id, legal_entity, jurisdiction, payment_type, "
     "period, cycle_start, cycle_end, fee_end, usage_to, currency, subtotal, tax_total, total, usage_amount, "
@@ -263,6 +319,10 @@ def _build(db: Database, catalog: Catalog, period: str, run_id: int, now_ms: int
             "WHERE invoice_id IS NULL ORDER BY charge_id"):
         charges_by_account[account_id].append((int(charge_id), kind, description, category, int(amount), charge_date))
     with_usage = {row[0] for row in db.query("SELECT DISTINCT account_id FROM usage_records WHERE state = 'guided'")}
+    catalog_from = {int(sub_id): _utc_day(int(start)) for sub_id, start in db.query(
+        "SELECT subscription_id, MIN(fee_period_start) FROM usage_records WHERE record_type = 'fee' "
+        "AND fee_type = 'plan' AND subscription_id IS NOT NULL AND state IN ('guided', 'billed') "
+        "GROUP BY subscription_id")}
 
     # 1. per account: fee and charge lines, and the invoice header
     headers: list[tuple] = []
@@ -271,7 +331,7 @@ def _build(db: Database, catalog: Catalog, period: str, run_id: int, now_ms: int
         cycle_start, cycle_end = cycle_bounds(period, int(cycle_day))
         next_end = _add_month(cycle_end)
         lines = _fee_lines(catalog, subs_by_account.get(account_id, []), coverage,
-                           [(cycle_start, cycle_end), (cycle_end, next_end)])
+                           [(cycle_start, cycle_end), (cycle_end, next_end)], catalog_from)
         charges = [c for c in charges_by_account.get(account_id, []) if c[5] < cycle_end.isoformat()]
         for _, kind, description, category, amount, charge_date in charges:
             lines.append(_Line(kind=kind, description=description, category=category, amount=amount,
@@ -300,13 +360,23 @@ def _build(db: Database, catalog: Catalog, period: str, run_id: int, now_ms: int
         "SUM(COALESCE(u.usage_units, 0)), MIN(u.record_date), MAX(u.record_date), SUM(u.money_bonus), "
         "SUM(u.money_shared), SUM(u.allowance_units), SUM(u.allowance_shared) "
         "FROM usage_records u WHERE u.invoice_id IN (SELECT invoice_id FROM invoices WHERE run_id = ?) "
-        "AND u.record_type <> 'close' GROUP BY u.invoice_id, u.msisdn, u.rating_group "
+        "AND u.record_type NOT IN ('close', 'fee') GROUP BY u.invoice_id, u.msisdn, u.rating_group "
         "ORDER BY u.invoice_id, u.msisdn, u.rating_group", (run_id,))
     claimed = int(db.scalar("SELECT COALESCE(SUM(amount), 0) FROM usage_records WHERE invoice_id IN "
-                            "(SELECT invoice_id FROM invoices WHERE run_id = ?)", (run_id,)) or 0)
+                            "(SELECT invoice_id FROM invoices WHERE run_id = ?) AND record_type <> 'fee'",
+                            (run_id,)) or 0)
     usage_by_invoice: dict[int, list[tuple]] = defaultdict(list)
     for row in usage_rows:
         usage_by_invoice[int(row[0])].append(row[1:])
+    fees_by_invoice: dict[int, list[tuple]] = defaultdict(list)
+    for row in db.query(
+            "SELECT u.invoice_id, u.msisdn, u.fee_type, u.fee_item, u.fee_period_start, u.fee_period_end, "
+            "u.record_date, u.amount, u.money_bonus, s.plan FROM usage_records u "
+            "LEFT JOIN subscriptions s ON s.subscription_id = u.subscription_id "
+            "WHERE u.invoice_id IN (SELECT invoice_id FROM invoices WHERE run_id = ?) AND u.record_type = 'fee' "
+            "ORDER BY u.invoice_id, u.msisdn, u.record_time, u.record_id", (run_id,)):
+        fees_by_invoice[int(row[0])].append(row[1:])
+    claimed_fees = sum(int(row[6]) for rows in fees_by_invoice.values() for row in rows)
     tick("usage", 1, 1)
 
     # 3. lines, taxes, totals
@@ -314,7 +384,7 @@ def _build(db: Database, catalog: Catalog, period: str, run_id: int, now_ms: int
     totals: list[tuple] = []
     charge_rows: list[tuple] = []
     empty: list[tuple] = []
-    usage_total = grand_total = 0
+    usage_total = grand_total = fee_total = 0
     for n, (account_id, invoice_id) in enumerate(invoice_of.items()):
         lines, charges, juris, payment_type = pending[account_id]
         charged = 1 if payment_type == "postpaid" else 0
@@ -325,6 +395,12 @@ def _build(db: Database, catalog: Catalog, period: str, run_id: int, now_ms: int
                 catalog, charged, msisdn, None if rg is None else int(rg), int(count), int(amount), int(seconds),
                 int(octets), int(events), day_from, day_to, int(bonus), int(shared_money), int(allowance),
                 int(shared_allowance)))
+        for msisdn, fee_type, item, start, end, day, amount, bonus, plan in fees_by_invoice.get(invoice_id, []):
+            plan_fee = catalog.config.plans.get(plan) if plan else None
+            category = plan_fee.tax_category if plan_fee else catalog.config.default_usage_category
+            usage_lines.extend(_fee_record_lines(
+                charged, msisdn, fee_type, item, None if start is None else int(start),
+                None if end is None else int(end), day, int(amount), int(bonus), category))
         all_lines = usage_lines + lines
         if not all_lines:
             empty.append((invoice_id,))
@@ -338,6 +414,8 @@ def _build(db: Database, catalog: Catalog, period: str, run_id: int, now_ms: int
                 tax_total += tax
             if line.kind == "usage":
                 usage_amount += line.amount
+            elif line.kind == "fee":
+                fee_total += line.amount
             line_rows.append((invoice_id, line_no, line.kind, line.description, line.category, line.msisdn,
                               line.rating_group, line.subscription_id, line.quantity, line.unit, line.records,
                               line.period_from, line.period_to, line.unit_price, line.amount, line.charged,
@@ -359,6 +437,8 @@ def _build(db: Database, catalog: Catalog, period: str, run_id: int, now_ms: int
         db.executemany("DELETE FROM invoices WHERE invoice_id = ?", empty)
     if claimed != usage_total:
         raise BillingError(f"tie-out failed: claimed CDR amounts {claimed} ≠ usage lines {usage_total}")
+    if claimed_fees != fee_total:
+        raise BillingError(f"tie-out failed: claimed fee records {claimed_fees} ≠ fee lines {fee_total}")
     return {"invoices": len(totals), "usage_amount": usage_total, "total": grand_total}
 
 
@@ -376,8 +456,12 @@ def run_status(db: Database, period: str) -> dict:
         raise BillingError(f"no bill run for {period}")
     run = row[0]
     invoices = "SELECT invoice_id FROM invoices WHERE run_id = ?"
-    cdr = int(db.scalar(f"SELECT COALESCE(SUM(amount), 0) FROM usage_records WHERE invoice_id IN ({invoices})",
-                        (run["run_id"],)) or 0)
+    cdr = int(db.scalar(f"SELECT COALESCE(SUM(amount), 0) FROM usage_records WHERE invoice_id IN ({invoices}) "
+                        "AND record_type <> 'fee'", (run["run_id"],)) or 0)
+    fee_records = int(db.scalar(f"SELECT COALESCE(SUM(amount), 0) FROM usage_records WHERE invoice_id IN "
+                                f"({invoices}) AND record_type = 'fee'", (run["run_id"],)) or 0)
+    fee_lines = int(db.scalar(f"SELECT COALESCE(SUM(amount), 0) FROM invoice_lines WHERE kind = 'fee' "
+                              f"AND invoice_id IN ({invoices})", (run["run_id"],)) or 0)
     records = int(db.scalar(f"SELECT COUNT(*) FROM usage_records WHERE invoice_id IN ({invoices})",
                             (run["run_id"],)) or 0)
     lines = int(db.scalar(f"SELECT COALESCE(SUM(amount), 0) FROM invoice_lines WHERE kind = 'usage' "
@@ -386,7 +470,8 @@ def run_status(db: Database, period: str) -> dict:
                             f"AND invoice_id IN ({invoices})", (run["run_id"],)) or 0)
     tax = int(db.scalar("SELECT COALESCE(SUM(tax_total), 0) FROM invoices WHERE run_id = ?", (run["run_id"],)) or 0)
     run.update({"records_billed": records, "cdr_amount": cdr, "usage_lines": lines, "usage_charged": charged,
-                "usage_prepaid": lines - charged, "tax_total": tax, "ties_out": cdr == lines == run["usage_amount"]})
+                "usage_prepaid": lines - charged, "tax_total": tax, "fee_amount": fee_records, "fee_lines": fee_lines,
+                "ties_out": cdr == lines == run["usage_amount"] and fee_records == fee_lines})
     return run
 
 

@@ -33,6 +33,12 @@ record with, at the grant the usage was used under: serving_plmn is its "ratingP
 follows a handover), else the session's "servingNodePLMN"; destination is "calledPartyAddress"; rated_at is
 "ratedAt" (epoch ms), NULL for CDRs written before it.
 
+Fee records (recordType "fee", written by the catalog function in the same call as the debit: a plan
+period's fee or an add-on purchase) are imported like usage, idempotent by recordId, guided the same way:
+feeType (plan | addon), item (the catalog name), a plan's period [periodStart, periodEnd), the amount and the
+money bucket it came from (split like usage: invoiced or bonus money). No ratingGroup. The bill run makes one
+"fee" line of each (billing.billrun).
+
 Imports msgspec and billing only.
 """
 
@@ -53,7 +59,8 @@ from billing.db import Database
 __all__ = ["BucketSplit", "GuideReport", "ImportReport", "LineError", "guide", "import_cdrs", "rejects", "recycle",
            "record_states", "split_buckets"]
 
-RECORD_TYPES = ("usage", "event", "refund", "close")
+RECORD_TYPES = ("usage", "event", "refund", "close", "fee")
+FEE_TYPES = ("plan", "addon")
 _FILE = re.compile(r"^p\d+$")
 _CURRENCY = re.compile(r"^[A-Z]{3}$")
 
@@ -103,6 +110,10 @@ class _Cdr(msgspec.Struct):
     ratedAt: int | None = None  # noqa: N815 - epoch ms: when it was chosen (the grant's time)
     tariff: str | None = None
     tariffParts: list[_TariffPart] | None = None  # noqa: N815
+    feeType: str | None = None  # noqa: N815 - fee records: plan | addon
+    item: str | None = None  # fee records: the catalog plan or add-on
+    periodStart: int | None = None  # noqa: N815 - a plan fee's period, epoch ms
+    periodEnd: int | None = None  # noqa: N815
 
 
 _decode = msgspec.json.Decoder(_Cdr).decode
@@ -214,9 +225,13 @@ def _row(rec: _Cdr, source: str, line_no: int, now_ms: int, unit_of: UnitOf,
         raise ValueError(f"ratedAt {rec.ratedAt} is not epoch milliseconds")
     if rec.servedMSISDN is None and rec.servedIMSI is None:
         raise ValueError("record has neither servedMSISDN nor servedIMSI")
-    if rec.recordType != "close" and rec.ratingGroup is None:
+    if rec.recordType not in ("close", "fee") and rec.ratingGroup is None:
         raise ValueError(f"{rec.recordType} record without ratingGroup")
-    if rec.recordType in ("usage", "event") and rec.amount < 0:
+    if rec.recordType == "fee":
+        _check_fee(rec)
+    elif rec.feeType is not None:
+        raise ValueError(f"feeType in a {rec.recordType} record")
+    if rec.recordType in ("usage", "event", "fee") and rec.amount < 0:
         raise ValueError(f"negative amount {rec.amount} in a {rec.recordType} record")
     if rec.recordType == "refund" and rec.amount > 0:
         raise ValueError(f"positive amount {rec.amount} in a refund record")
@@ -239,8 +254,20 @@ def _row(rec: _Cdr, source: str, line_no: int, now_ms: int, unit_of: UnitOf,
         now_ms, split.money_invoiced, split.money_bonus, split.money_shared, split.allowance_shared, split.buckets,
         rec.ccRequestNumber, None if plmn is None else str(plmn), rec.serviceContextId or None,
         rec.calledPartyAddress or None, rec.tariff or None,
-        _encode(rec.tariffParts).decode() if rec.tariffParts else None, rec.ratedAt,
+        _encode(rec.tariffParts).decode() if rec.tariffParts else None, rec.ratedAt, rec.feeType, rec.item,
+        rec.periodStart, rec.periodEnd,
     )
+
+
+def _check_fee(rec: _Cdr) -> None:
+    if rec.feeType not in FEE_TYPES:
+        raise ValueError(f"fee record with feeType {rec.feeType!r} (plan or addon)")
+    if not rec.item:
+        raise ValueError("fee record without item")
+    if rec.feeType == "plan":
+        start, end = rec.periodStart, rec.periodEnd
+        if start is None or end is None or not 0 < start < end <= 10**14:
+            raise ValueError(f"plan fee record with period [{start}, {end}): not epoch milliseconds, start < end")
 
 
 _AMOUNT = 17  # index of amount in a row
@@ -249,9 +276,10 @@ _INSERT = (
     "service_id, opening_time, record_time, record_date, usage_time, octets_in, octets_out, octets_total, "
     "usage_units, allowance_units, amount, currency, rating_version, source_file, source_line, imported_at, "
     "money_invoiced, money_bonus, money_shared, allowance_shared, buckets, request_number, serving_plmn, "
-    "service_context, destination, tariff, tariff_parts, rated_at, state) "
+    "service_context, destination, tariff, tariff_parts, rated_at, fee_type, fee_item, fee_period_start, "
+    "fee_period_end, state) "
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
-    "'received') ON CONFLICT (record_id) DO NOTHING"
+    "?, ?, ?, ?, 'received') ON CONFLICT (record_id) DO NOTHING"
 )
 
 

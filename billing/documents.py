@@ -17,6 +17,7 @@ from pathlib import Path
 from string import Template
 
 from billing.accounts import BillingError
+from billing.billrun import fee_description
 from billing.config import Catalog
 from billing.db import Database, connect
 
@@ -101,26 +102,30 @@ def list_invoices(db: Database, *, account_id: str | None = None, period: str | 
 
 
 def write_usage_annex(db: Database, catalog: Catalog, invoice_id: int, out: str | Path) -> int:
-    """Every usage record on the invoice as CSV (the annex); returns the number of records written. `amount`
-    is the CDR's money amount = `invoiced` (from invoiced money buckets) + `bonus` (from bonus money buckets);
-    `buckets` is what the record took from each bucket ('@': the group's) with the bucket's unit."""
+    """Every usage and fee record on the invoice as CSV (the annex); returns the number of records written.
+    `amount` is the CDR's money amount = `invoiced` (from invoiced money buckets) + `bonus` (from bonus money
+    buckets); `buckets` is what the record took from each bucket ('@': the group's) with the bucket's unit; a fee
+    record (type "fee") has no service and says what it paid for in `description` ("Plan travel, 2026-12")."""
     digits = catalog.minor_digits
     rows = db.query(
         "SELECT record_id, record_type, msisdn, rating_group, record_time, usage_time, octets_in, octets_out, "
-        "octets_total, usage_units, allowance_units, amount, currency, money_invoiced, money_bonus, buckets "
+        "octets_total, usage_units, allowance_units, amount, currency, money_invoiced, money_bonus, buckets, "
+        "fee_type, fee_item, fee_period_start, fee_period_end "
         "FROM usage_records WHERE invoice_id = ? AND record_type <> 'close' ORDER BY msisdn, record_time, record_id",
         (invoice_id,))
     with Path(out).open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["record_id", "type", "msisdn", "service", "rating_group", "time_utc", "seconds", "octets_in",
                          "octets_out", "octets_total", "events", "from_allowance", "amount", "currency", "invoiced",
-                         "bonus", "buckets"])
+                         "bonus", "buckets", "description"])
         for (rid, rtype, msisdn, rg, at, seconds, o_in, o_out, o_total, units, allowance, amount, currency, invoiced,
-             bonus, buckets) in rows:
+             bonus, buckets, fee_type, fee_item, fee_start, fee_end) in rows:
             when = datetime.fromtimestamp(at / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
-            writer.writerow([rid, rtype, msisdn, catalog.service_name(rg), rg, when, _blank(seconds), _blank(o_in),
-                             _blank(o_out), _blank(o_total), _blank(units), allowance, _money(amount, digits),
-                             currency, _money(invoiced, digits), _money(bonus, digits), buckets or ""])
+            fee = rtype == "fee"
+            writer.writerow([rid, rtype, msisdn, "" if fee else catalog.service_name(rg), _blank(rg), when,
+                             _blank(seconds), _blank(o_in), _blank(o_out), _blank(o_total), _blank(units), allowance,
+                             _money(amount, digits), currency, _money(invoiced, digits), _money(bonus, digits),
+                             buckets or "", fee_description(fee_type, fee_item, fee_start, fee_end) if fee else ""])
     return len(rows)
 
 
@@ -167,7 +172,7 @@ def render_html(doc: dict) -> str:
     credit = doc["kind"] == "credit_note"
     rows = []
     for line in doc["lines"]:
-        exclusive = line["kind"] in ("recurring", "recurring_credit")
+        exclusive = line["kind"] in ("recurring", "recurring_credit") or (line["kind"] == "fee" and line["period_to"])
         info = not line["charged"]
         rows.append(
             f'<tr class="{"info" if info else ""}"><td>{line["line"]}</td><td>{e(line["description"])}</td>'
@@ -179,8 +184,9 @@ def render_html(doc: dict) -> str:
                          f'{e(doc["currency"])}</td></tr>' for t in doc["taxes"])
     notes = []
     if Decimal(doc["prepaid_usage"]) != 0:
-        notes.append(f'Usage marked in grey ({doc["prepaid_usage"]} {e(doc["currency"])}) was already paid from '
-                     "your prepaid or bonus balance and is shown for information only; it is not part of the total.")
+        notes.append(f'Usage and fees marked in grey ({doc["prepaid_usage"]} {e(doc["currency"])}) were already '
+                     "paid from your prepaid or bonus balance and are shown for information only; they are not part "
+                     "of the total.")
     if credit:
         notes.append(f"This credit note reduces invoice {e(doc['credits_invoice'] or '')}. "
                      f"Reason: {e(doc['reason'] or '')}")

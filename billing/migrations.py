@@ -209,9 +209,22 @@ _V3 = [
     "ALTER TABLE usage_records ADD COLUMN rated_at BIGINT",
 ]
 
+# Version 4: fee records (recordType "fee": a catalog plan period's fee or an add-on purchase, charged online by
+# lua/catalog.lua) are imported beside usage, one invoice line each (kind "fee"). They keep the catalog item and,
+# for a plan, the period it pays for; a plan fee record also tells the bill run that the subscription's recurring
+# fee comes from the catalog from that period on (billing.billrun).
+_V4 = [
+    "ALTER TABLE usage_records ADD COLUMN fee_type TEXT",  # plan | addon; NULL for other records
+    "ALTER TABLE usage_records ADD COLUMN fee_item TEXT",  # the catalog plan or add-on name
+    "ALTER TABLE usage_records ADD COLUMN fee_period_start BIGINT",  # a plan fee's period [start, end), epoch ms
+    "ALTER TABLE usage_records ADD COLUMN fee_period_end BIGINT",
+    "CREATE INDEX usage_fee ON usage_records (record_type, subscription_id)",
+]
+
 # (version, description, statements)
 MIGRATIONS: list[tuple[int, str, list[str]]] = [
     (1, "accounts, usage records, bill runs, invoices, payments, reconciliations", _V1),
     (2, "usage by bucket unit (invoiced, bonus and shared money, allowances) and rating keys", _V2),
     (3, "the rating time of usage records (CDR ratedAt)", _V3),
+    (4, "catalog fee records (plan periods, add-on purchases)", _V4),
 ]

@@ -13,7 +13,13 @@ Checks, to the micro-unit:
 - reservation: no bucket holds a negative reservation; a shared bucket's reservation is what its members hold;
 - CDR against ledger: every usage/event/refund record that took from a bucket has its ledger change (by
   recordId, per bucket, and the money amount of each request), and every ledger usage/refund record has its
-  CDR record; a stream id twice in the files is a record written twice.
+  CDR record; a stream id twice in the files is a record written twice;
+- fee records against the ledger: every catalog purchase / renewal entry that names a fee record (ledger field
+  `cdr`, written by lua/catalog.lua in the same call) has exactly that record, with the same changes per bucket
+  (the record's "bucket" taken, its "granted" given) and the same money amount, and every fee record has its
+  entry. Catalog entries written before fee records existed name none and are not matched.
+Without the CDR files (no directory given) a record the CDR writer has already taken off the stream cannot
+be seen: then a missing usage, refund or fee record is reported only while the stream was never trimmed.
 
 Reads only (Redis and the CDR files); imports balances but nothing of Diameter.
 """
@@ -35,6 +41,7 @@ from balances.model import LedgerEntry
 SCAN_COUNT = 1000
 SNAPSHOT_ATTEMPTS = 5
 RATED_TYPES = ("usage", "event", "refund")  # CDR record types that may take from (or give to) buckets
+FEE_TYPE = "fee"  # the CDR record of a catalog purchase or plan period (lua/catalog.lua)
 
 
 class Difference(msgspec.Struct, omit_defaults=True):
@@ -64,6 +71,7 @@ class AuditReport(msgspec.Struct):
     cdr_records: int  # rated records (usage, event, refund) checked against the ledger
     units: dict[str, UnitTotals]
     differences: list[Difference]
+    fee_records: int = 0  # fee records (catalog purchases and plan periods) checked against the ledger
 
 
 class _Snapshot(msgspec.Struct):
@@ -71,6 +79,8 @@ class _Snapshot(msgspec.Struct):
     wallets: dict[str, dict[str, bytes]]  # owner -> HGETALL
     stream: list[tuple[str, dict]]  # pending CDR stream entries
     last_cdr_id: str | None  # the stream's last id at the snapshot
+    fee_refs: dict[str, str] = {}  # ledger entry id -> the recordId of the fee record it names (field `cdr`)
+    trimmed: bool = False  # the stream has lost entries (the CDR writer trims what it has written to files)
 
 
 def _text(value: Any) -> str:
@@ -80,6 +90,11 @@ def _text(value: Any) -> str:
 def _sid(value: str) -> tuple[int, int]:
     ms, _, seq = value.partition("-")
     return int(ms), int(seq or 0)
+
+
+def _fee_ref(fields: dict) -> str | None:
+    value = fields.get(b"cdr", fields.get("cdr"))
+    return None if value is None else _text(value)
 
 
 def _wallet_key(partition: int, owner: str) -> str:
@@ -105,10 +120,12 @@ async def _snapshot(redis: Any, partition: int, owners: set[str]) -> _Snapshot:
     """The partition's ledger, balances and pending CDR records at one instant (see the module docstring)."""
     ledger_key = k.ledger_key(partition)
     entries: list[LedgerEntry] = []
+    fee_refs: dict[str, str] = {}
     start = "-"
     while True:  # most of the ledger, outside the transaction
         page = await redis.xrange(ledger_key, start, "+", count=SCAN_COUNT)
         entries.extend(parse_entry(i, f) for i, f in page)
+        fee_refs.update((_text(i), ref) for i, f in page if (ref := _fee_ref(f)) is not None)
         if len(page) < SCAN_COUNT:
             break
         start = "(" + _text(page[-1][0])
@@ -125,18 +142,22 @@ async def _snapshot(redis: Any, partition: int, owners: set[str]) -> _Snapshot:
             pipe.xinfo_stream(k.cdr_key(partition))  # an error reply when there is no stream yet
             results = await pipe.execute(raise_on_error=False)
         tail = [parse_entry(i, f) for i, f in results[0]]
+        tail_refs = {_text(i): ref for i, f in results[0] if (ref := _fee_ref(f)) is not None}
         new_owners = {owner_of(e, ref)[0] for e in tail for ref in e.changes} - owners
         if new_owners:  # created after the scan: read them inside the snapshot too
             owners |= new_owners
             entries.extend(tail)
+            fee_refs.update(tail_refs)
             continue
         wallets = {owner: results[1 + n] for n, owner in enumerate(ordered)}
         stream = [(_text(i), f) for i, f in results[1 + len(ordered)]]
         last = None
+        trimmed = False
         if results[2 + len(ordered)]:
             info = {_text(key): value for key, value in results[3 + len(ordered)].items()}
             last = _text(info["last-generated-id"])
-        return _Snapshot(entries + tail, wallets, stream, last)
+            trimmed = int(info.get("entries-added", info.get("length", 0))) > int(info.get("length", 0))
+        return _Snapshot(entries + tail, wallets, stream, last, {**fee_refs, **tail_refs}, trimmed)
     raise RuntimeError(f"partition {partition}: new subscribers kept arriving; no consistent snapshot")
 
 
@@ -187,7 +208,8 @@ def _unit_of(meta: dict | None, bucket: str) -> str:
     return "money" if bucket == "money" else "units"
 
 
-def _check_partition(partition: int, snap: _Snapshot, file_records: list[dict], report: AuditReport) -> None:
+def _check_partition(partition: int, snap: _Snapshot, file_records: list[dict], report: AuditReport,
+                     files_read: bool = True) -> None:
     differences = report.differences
     # ---- balances
     balances: dict[tuple[str, str], int] = {}
@@ -234,6 +256,7 @@ def _check_partition(partition: int, snap: _Snapshot, file_records: list[dict], 
             differences.append(Difference("balance", partition, key[0], key[1], units.get(key, _unit_of(None, key[1])),
                                           expected, actual, detail="ledger total != balance"))
     # ---- CDR records against the ledger's usage and refund entries
+    unseen_allowed = not files_read and snap.trimmed  # records on their way to files can't be seen: not missing
     by_record: dict[str, dict[str, int]] = {}
     amounts: dict[str, int] = defaultdict(int)  # ledger usage entry (request) or refund record -> money amount
 
@@ -271,8 +294,9 @@ def _check_partition(partition: int, snap: _Snapshot, file_records: list[dict], 
     for record_id in sorted(set(seen) | set(by_record)):
         mine, theirs = by_record.get(record_id), seen.get(record_id)
         if theirs is None:
-            differences.append(Difference("cdr-missing", partition, reference=record_id,
-                                          detail=f"ledger record without a CDR record: {mine}"))
+            if not unseen_allowed:
+                differences.append(Difference("cdr-missing", partition, reference=record_id,
+                                              detail=f"ledger record without a CDR record: {mine}"))
         elif mine is None:
             differences.append(Difference("ledger-missing", partition, reference=record_id,
                                           detail=f"CDR record without a ledger entry: {theirs}"))
@@ -284,6 +308,54 @@ def _check_partition(partition: int, snap: _Snapshot, file_records: list[dict], 
             differences.append(Difference("cdr-mismatch", partition, reference=reference,
                                           expected=amounts[reference], actual=cdr_amounts[reference],
                                           detail="money amount: ledger != CDR records"))
+    _check_fees(partition, snap, records, report, unseen_allowed)
+
+
+def _check_fees(partition: int, snap: _Snapshot, records: list[dict], report: AuditReport,
+                unseen_allowed: bool) -> None:
+    """Fee records against the catalog ledger entries that name them: one each, same changes, same money.
+    `unseen_allowed`: the records written to files are not read, so a record missing here may be there."""
+    differences = report.differences
+    ledger: dict[str, tuple[dict[str, int], int]] = {}  # recordId -> (changes, money change)
+    for entry in snap.entries:
+        record_id = snap.fee_refs.get(entry.id)
+        if record_id is None:
+            continue
+        if record_id in ledger:
+            differences.append(Difference("cdr-mismatch", partition, reference=record_id,
+                                          detail=f"two ledger entries name the fee record (one is {entry.id})"))
+        ledger[record_id] = ({r: c for r, c in entry.changes.items() if c}, entry.amount)
+    cdr: dict[str, tuple[dict[str, int], int]] = {}
+    for record in records:
+        if record.get("recordType") != FEE_TYPE:
+            continue
+        report.fee_records += 1
+        record_id = record["recordId"]
+        if record_id in cdr:
+            differences.append(Difference("cdr-duplicate", partition, reference=record_id,
+                                          detail="fee record written twice (two stream entries)"))
+            continue
+        changes: dict[str, int] = {}
+        for ref, taken in (record.get("bucket") or {}).items():
+            changes[ref] = changes.get(ref, 0) - taken
+        for ref, given in (record.get("granted") or {}).items():
+            changes[ref] = changes.get(ref, 0) + given
+        cdr[record_id] = ({r: c for r, c in changes.items() if c}, -record.get("amount", 0))
+    for record_id in sorted(set(ledger) | set(cdr)):
+        mine, theirs = ledger.get(record_id), cdr.get(record_id)
+        if theirs is None:
+            if not unseen_allowed:
+                differences.append(Difference("cdr-missing", partition, reference=record_id,
+                                              detail=f"catalog ledger entry without its fee record: {mine}"))
+        elif mine is None:
+            differences.append(Difference("ledger-missing", partition, reference=record_id,
+                                          detail=f"fee record without a ledger entry: {theirs}"))
+        elif mine[0] != theirs[0]:
+            differences.append(Difference("cdr-mismatch", partition, reference=record_id,
+                                          detail=f"ledger {mine[0]} != fee record {theirs[0]}"))
+        elif mine[1] != theirs[1]:
+            differences.append(Difference("cdr-mismatch", partition, reference=record_id, expected=mine[1],
+                                          actual=theirs[1], detail="money amount: ledger != fee record"))
 
 
 async def audit(store: Any, cdr_directory: Path | str | None) -> AuditReport:
@@ -300,6 +372,6 @@ async def audit(store: Any, cdr_directory: Path | str | None) -> AuditReport:
         pending = {stream_id for stream_id, _ in snap.stream}
         file_records = (_file_records(directory, partition, snap.last_cdr_id, pending, report.differences)
                         if directory is not None else [])
-        _check_partition(partition, snap, file_records, report)
+        _check_partition(partition, snap, file_records, report, files_read=directory is not None)
     report.ok = not report.differences
     return report

@@ -2,7 +2,7 @@
 -- applies it atomically): buying an add-on, starting / renewing / changing a plan's period, promotion bonuses.
 --
 -- KEYS[1] sub:{p}:<msisdn>   KEYS[2] bal:{p}:<msisdn>   KEYS[3] ledger:{p}   KEYS[4] bexp:{p}   KEYS[5] renew:{p}
--- [KEYS[6] ref:{p}:<op>:<reference>: the stored answer of a purchase or bonus with that reference]
+-- KEYS[6] cdr:{p}   [KEYS[7] ref:{p}:<op>:<reference>: the stored answer of a purchase or bonus with that reference]
 -- ARGV[1] JSON {op, msisdn, now_ms, and per op:
 --   purchase: name (the add-on), price (micro-units >= 0), plans (products it may be bought on; [] = any),
 --             repeatable, buckets [{id, amount, meta}], bonuses, reference
@@ -18,13 +18,16 @@
 -- and period has its own bucket with its own validity (and a period's expiry/rollover never meets the next's).
 -- The fee and the price come out of the 'money' bucket: balance - reserved (+ credit_limit) must cover them.
 -- One ledger entry per call and kind ("purchase", "renewal", "promotion"), b = every bucket's change.
+-- A purchase or period that writes its ledger entry also writes a fee record (recordType "fee") to cdr:{p},
+-- in the same call: billing invoices it (postpaid) or shows it as paid (prepaid); the ledger entry names it
+-- (field `cdr` = its recordId) so `ocs audit` matches the two. See fee_record below and docs/catalog.md.
 -- Returns JSON {"applied": bool, "status": text, "buckets": [ids], "bonuses": [names], "balance": money,
 -- "old_plan": text} or {"unknown": true} or {"error": text, "code": text}; an error changes nothing.
 -- "applied": false with "status" "not-due" (renew: already renewed) or "unpaid" (renew: suspended or still
 -- waiting for money); "duplicate": true with the stored answer when the reference was used before.
 
 local sub_key, bal_key, ledger_key, bexp_key, renew_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local ref_key = KEYS[6]
+local cdr_key, ref_key = KEYS[6], KEYS[7]
 local a = decode(ARGV[1])
 local now = a.now_ms
 if not is_int(now) or type(a.op) ~= 'string' or type(a.msisdn) ~= 'string' then
@@ -53,7 +56,8 @@ if ref_key then
     return '{"duplicate":true,' .. string.sub(stored, string.find(stored, ',', 1, true) + 1)
   end
 end
-local sub = call('HMGET', sub_key, 'msisdn', 'plan', 'status', 'kind', 'product', 'period_end', 'suspended_for')
+local sub = call('HMGET', sub_key, 'msisdn', 'plan', 'status', 'kind', 'product', 'period_end', 'suspended_for',
+  'imsi', 'currency')
 if not sub[1] then
   return '{"unknown":true}'
 end
@@ -107,7 +111,8 @@ local function money_available()
   return left
 end
 
-local function write_entry(kind, list, unit_list, reference)
+-- `record_id`: the fee record that stands behind the entry (ledger field `cdr`), nil for none
+local function write_entry(kind, list, unit_list, reference, record_id)
   if #list == 0 then return end
   local money = 0
   for _, kv in ipairs(list) do
@@ -119,7 +124,31 @@ local function write_entry(kind, list, unit_list, reference)
     args[#args + 1] = 'u'
     args[#args + 1] = '{' .. concat(unit_list, ',') .. '}'
   end
+  if record_id then
+    args[#args + 1] = 'cdr'
+    args[#args + 1] = record_id
+  end
   call('XADD', ledger_key, '*', unpack_(args))
+end
+
+-- The fee record of a purchase or a plan period: what the money bucket paid ("bucket", as a usage record's:
+-- taken amounts, with "bucketUnits") and what the call granted ("granted", "grantedUnits"), the catalog item
+-- and the ledger entry's type and reference. recordId 'fee;<msisdn>;<now_ms>;<n>' (n counts the subscriber's
+-- fee records: unique even for two calls in one millisecond). Written only with its ledger entry (a call
+-- that changes no bucket writes neither). fields: JSON members after "item" (',"periodStart":...').
+local function fee_record(fee_type, item, price, grants, grant_units, ledger_type, reference, fields)
+  local record_id = 'fee;' .. msisdn .. ';' .. int(now) .. ';' .. int(call('HINCRBY', sub_key, 'fee_records', 1))
+  local taken = {}
+  if price > 0 then taken[1] = { 'money', price } end
+  local imsi = sub[8]
+  call('XADD', cdr_key, '*', 'r', '{"recordId":' .. encode(record_id) .. ',"recordType":"fee","schemaVersion":1'
+    .. ',"servedMSISDN":' .. encode(msisdn) .. ((imsi and imsi ~= '') and ',"servedIMSI":' .. encode(imsi) or '')
+    .. ',"recordTime":' .. int(now) .. ',"feeType":' .. encode(fee_type) .. ',"item":' .. encode(item) .. fields
+    .. ',"amount":' .. int(price) .. ',"currency":' .. encode(sub[9] or 'EUR') .. ',"bucket":' .. buckets_json(taken)
+    .. bucket_units_json({ own = w }, { allowances = {} }, taken) .. ',"granted":' .. buckets_json(grants)
+    .. ',"grantedUnits":{' .. concat(grant_units, ',') .. '},"ledgerType":' .. encode(ledger_type)
+    .. ',"ledgerReference":' .. encode(reference) .. '}')
+  return record_id
 end
 
 -- the bonuses still due (a `once` bonus the subscriber had is skipped); granted after the main change
@@ -187,7 +216,13 @@ if a.op == 'purchase' then
   end
   grant(buckets, changes, units, created)
   wsave(w)
-  write_entry('purchase', changes, units, a.name .. ';' .. a.reference)
+  local reference = a.name .. ';' .. a.reference
+  if #changes > 0 then
+    local grants = {}
+    for i = (price > 0 and 2 or 1), #changes do grants[#grants + 1] = changes[i] end
+    write_entry('purchase', changes, units, reference, fee_record('addon', a.name, price, grants, units, 'purchase',
+      reference, ',"purchaseReference":' .. encode(a.reference)))
+  end
   call('HINCRBY', sub_key, field, 1)
   grant_bonuses(a.reference)
   wsave(w)
@@ -259,7 +294,13 @@ if fee > 0 then
 end
 grant(buckets, changes, units, created)
 wsave(w)
-write_entry('renewal', changes, units, renewal_ref)
+if #changes > 0 then
+  local grants = {}
+  for i = (fee > 0 and 2 or 1), #changes do grants[#grants + 1] = changes[i] end
+  write_entry('renewal', changes, units, renewal_ref, fee_record('plan', a.product, fee, grants, units, 'renewal',
+    renewal_ref, ',"ratingPlan":' .. encode(a.rating_plan) .. ',"periodMode":' .. encode(mode) .. ',"periodStart":'
+    .. int(start) .. ',"periodEnd":' .. int(finish)))
+end
 call('HSET', sub_key, 'plan', a.rating_plan, 'product', a.product, 'period_start', int(start),
   'period_end', int(finish))
 if present(a.anchor) then
