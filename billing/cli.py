@@ -437,6 +437,8 @@ def _print_run(run: dict, b: Billing) -> None:
                   "[green]yes[/green]" if run["ties_out"] else "[red]NO[/red]")
     out.print(table)
     out.print(f"CDR amounts billed {_money(run['cdr_amount'], b)} = usage lines {_money(run['usage_lines'], b)}")
+    if run.get("fee_amount") or run.get("fee_lines"):
+        out.print(f"fee records billed {_money(run['fee_amount'], b)} = fee lines {_money(run['fee_lines'], b)}")
     if run.get("first_number"):
         out.print(f"numbered {run['numbered']} invoice(s): {run['first_number']} … {run['last_number']}")
 

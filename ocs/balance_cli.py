@@ -132,7 +132,7 @@ def audit(config: Path = ConfigOption, json: bool = JsonOption) -> None:
                           _show(totals.reserved, money, 2))
         cli.console.print(table)
         cli.console.print(f"{report.partitions} partitions, {report.buckets} buckets, {report.ledger_entries} "
-                          f"ledger entries, {report.cdr_records} rated CDR records")
+                          f"ledger entries, {report.cdr_records} rated CDR records, {report.fee_records} fee records")
         for d in report.differences:
             cli.console.print(f"[red]{d.kind}[/red] p{d.partition:03d} {d.owner} {d.bucket} {d.unit} "
                               f"expected {d.expected} actual {d.actual} {d.reference} {d.detail}", highlight=False)
