@@ -102,6 +102,12 @@ class OverloadConfig(msgspec.Struct, forbid_unknown_fields=True):
     new_sessions_max_in_flight: int = 2_000
     # CCRs in flight at which every CCR, updates and terminations too, is answered 3004
     max_in_flight: int = 5_000
+    # Time budget of updates and terminations in the process, from the read of their bytes: answered 3004 without
+    # a Redis call when the CCRs answered lately took longer than this (moving average, others in flight) or
+    # when it waited longer than this before the server got to it
+    max_queue_ms: int = 50
+    # the same for new sessions (CCR-I) and events (CCR-E), shed first
+    new_sessions_max_queue_ms: int = 25
 
 
 CCFH_VALUES = {"TERMINATE": 0, "CONTINUE": 1, "RETRY_AND_TERMINATE": 2}
@@ -261,6 +267,8 @@ def _check(config: Config) -> None:
     o = config.overload
     if not 1 <= o.new_sessions_max_in_flight <= o.max_in_flight:
         raise ConfigError("overload.new_sessions_max_in_flight must be 1..overload.max_in_flight")
+    if not 1 <= o.new_sessions_max_queue_ms <= o.max_queue_ms:
+        raise ConfigError("overload.new_sessions_max_queue_ms must be 1..overload.max_queue_ms")
     if not 0 <= config.metrics.port <= 65535:
         raise ConfigError(f"metrics.port must be 0..65535, got {config.metrics.port}")
     for name in ("default_quota_bytes", "default_quota_seconds", "default_quota_events"):

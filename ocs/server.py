@@ -9,7 +9,14 @@ streams, stop the embedded Valkey.
 Overload: every balance-store call is bounded (redis.call_timeout_ms) and a Redis that is down or slow makes
 the CCR a 3004 DIAMETER_TOO_BUSY at once; with too many CCRs in flight in this process, new sessions and
 events (CCR-I, CCR-E) are answered 3004 first (overload.new_sessions_max_in_flight), updates and
-terminations of open sessions only past overload.max_in_flight.
+terminations of open sessions only past overload.max_in_flight. A count is not a time: past the knee the
+in-flight CCRs wait for the loop, for a pipeline slot and for Valkey, so the shedding also looks at time,
+measured from the read of each request's bytes (the transport stamps every read). A CCR arriving while the
+CCRs answered lately took longer than the budget in the process (moving average), with others in flight, is
+answered 3004 at once; one that waited past the budget before the loop got to it is answered 3004 then, still
+without a Redis call. The budget is overload.new_sessions_max_queue_ms for CCR-I/CCR-E (shed first) and
+overload.max_queue_ms for updates and terminations of open sessions (RFC 4006 wants CCR-T served whenever
+possible: they go on longest).
 """
 
 from __future__ import annotations
@@ -42,6 +49,10 @@ log = logging.getLogger("ocs.server")
 
 CCR = 272
 TOO_BUSY = 3004
+# Weights of the newest answer in the moving average of answer times: it rises faster than it falls, so it follows
+# the slower answers (a queue grows fast) and one slow answer is still no queue.
+ANSWER_TIME_RISE = 1 / 4
+ANSWER_TIME_FALL = 1 / 16
 SAFE_REDIS = {"appendonly": "yes", "appendfsync": "always", "maxmemory-policy": "noeviction"}
 
 
@@ -186,6 +197,13 @@ class ServerApp:
         self._supervision_task: asyncio.Task | None = None
         self._restarts: set[tuple[str, int]] = set()  # (peer, new Origin-State-Id) already handled
         self._tasks: set[asyncio.Task] = set()
+        # time budgets of a CCR in the process, from the read of its bytes (seconds, as loop.time())
+        self._queue_budget = config.overload.max_queue_ms / 1000
+        self._new_sessions_queue_budget = config.overload.new_sessions_max_queue_ms / 1000
+        # a charged CCR's time from the read of its bytes to its answer (moving average) and when the last was
+        # answered (loop time)
+        self._answer_seconds = 0.0
+        self._answered_at = float("-inf")
         # set by an `ocs serve --workers N` worker (ocs.workers): share the port, one Origin-State-Id for all
         self.reuse_port = False
         self.origin_state_id: int | None = None
@@ -411,15 +429,48 @@ class ServerApp:
                  peer.origin_host)
 
     def handle_request(self, peer, message: Message):
-        """A CCR: answered 3004 at once when too many are in flight (new sessions first), else charged."""
+        """A CCR: answered 3004 at once when too many are in flight or the CCRs answered just before took too
+        long in the process (new sessions first), else charged once the loop gets to it, unless it waited too
+        long by then."""
         assert self.credit_control is not None and self.diameter is not None
         in_flight = self.diameter.in_flight - 1  # the transport counts this request already
         overload = self.config.overload
         if in_flight >= overload.new_sessions_max_in_flight:
             request_type = message.get("CC-Request-Type")
             if in_flight >= overload.max_in_flight or request_type in (INITIAL, EVENT):
-                self.metrics.shed.labels(REQUEST_TYPES.get(request_type, "unknown")).inc()
-                self.metrics.observe_answer(request_type, TOO_BUSY)
-                return peer.connection.build_error_answer(message, TOO_BUSY,
-                                                          error_message="too many requests in flight")
-        return self.credit_control.answer(message, peer.origin_host)
+                return self._too_busy(peer, message, request_type, "too many requests in flight")
+        received_at = peer.received_at
+        # The CCRs answered lately took this long in the process on average (waiting for the loop, a pipeline
+        # slot, Valkey): one joining the requests in flight now would too. Not with nothing in flight (no queue
+        # to join), nor when the measure is older than the budget (all was shed since: let some through).
+        answer_time = self._answer_seconds
+        if (answer_time > self._new_sessions_queue_budget and in_flight
+                and received_at - self._answered_at < self._queue_budget):
+            request_type = message.get("CC-Request-Type")
+            if answer_time > self._queue_budget or request_type in (INITIAL, EVENT):
+                return self._too_busy(peer, message, request_type, "answers take too long")
+        return self._answer_in_time(peer, message, received_at)
+
+    async def _answer_in_time(self, peer, message: Message, received_at: float) -> bytes:
+        """Runs when the event loop gets to the request, after every callback queued before it: one that
+        waited past its budget since its bytes were read is answered 3004 without a Redis call (new sessions
+        and events at the lower budget). The time of each answer in the process is kept for the next ones."""
+        assert self.credit_control is not None and self.diameter is not None
+        loop = self.diameter.loop
+        waited = loop.time() - received_at
+        if waited > self._new_sessions_queue_budget:
+            request_type = message.get("CC-Request-Type")
+            if waited > self._queue_budget or request_type in (INITIAL, EVENT):
+                return self._too_busy(peer, message, request_type, "request waited too long in the queue")
+        answer = await self.credit_control.answer(message, peer.origin_host)
+        self._answered_at = now = loop.time()
+        change = now - received_at - self._answer_seconds
+        self._answer_seconds += change * (ANSWER_TIME_RISE if change > 0 else ANSWER_TIME_FALL)
+        return answer
+
+    def _too_busy(self, peer, message: Message, request_type: int | None, reason: str) -> bytes:
+        """The shed answer: the generic E-bit answer (RFC 6733 §7.2) with 3004, built from the header and the
+        AVPs the peer layer echoes; nothing of the CCR is decoded beyond CC-Request-Type."""
+        self.metrics.shed.labels(REQUEST_TYPES.get(request_type, "unknown")).inc()
+        self.metrics.observe_answer(request_type, TOO_BUSY)
+        return peer.connection.build_error_answer(message, TOO_BUSY, error_message=reason)

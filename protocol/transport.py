@@ -12,6 +12,8 @@ Rules:
   requests cost one `write` per tick, not one per answer.
 - When a peer has too many requests in the handler (or the socket buffer is full) we stop reading from
   it; TCP pushes back on the client.
+- Every read is stamped with the loop time once (`PeerHandle.received_at`, not once per message), so a
+  handler can tell how long a request waited in the process before it got to it and shed it (overload).
 - When the socket goes, pending handler tasks may still finish (a charge in progress is not torn in
   half) but their answers are dropped; their results and exceptions are always retrieved.
 """
@@ -98,6 +100,12 @@ class PeerHandle:
         """This peer's requests handed to the handler and not yet answered."""
         return self._protocol.in_flight
 
+    @property
+    def received_at(self) -> float:
+        """Loop time (`loop.time()`) of the last read from this peer. During `handle_request` it is when the
+        bytes of the request being handed over were read: a handler keeps it to measure the request's wait."""
+        return self._protocol.received_at
+
     def next_hop_by_hop(self) -> int:
         return self.connection.next_hop_by_hop()
 
@@ -130,6 +138,7 @@ class _PeerProtocol(asyncio.Protocol):
         self.opened = False
         self.in_flight = 0
         self.writes = 0
+        self.received_at = 0.0  # loop time of the last read (one clock read per read, not per message)
         self._pending: dict[int, asyncio.Future[Message]] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
@@ -154,7 +163,8 @@ class _PeerProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         assert self.connection is not None
-        self.connection.receive_data(data, self.loop.time())
+        self.received_at = now = self.loop.time()
+        self.connection.receive_data(data, now)
         self._after_input()
 
     def eof_received(self) -> bool | None:
