@@ -103,7 +103,8 @@ class Metrics:
             "ocs_sessions_closed_outside_ccr", "Sessions closed without a CCR-T (supervision, peer restart, RAA/ASA)",
             ["cause"], registry=self.registry,
         )
-        self.shed = Counter("ocs_overload_answers", "CCRs answered 3004 at once because too many were in flight",
+        self.shed = Counter("ocs_overload_answers",
+                            "CCRs answered 3004 at once (too many in flight, or over the time budget)",
                             ["type"], registry=self.registry)
 
     def observe_answer(self, request_type: int | None, result_code: int, command: str = "CCR") -> None:
