@@ -33,6 +33,8 @@ from typing import Any
 
 import msgspec
 import redis.asyncio as aioredis
+from redis._parsers.hiredis import NOT_ENOUGH_DATA as _NOT_ENOUGH_DATA
+from redis._parsers.hiredis import _AsyncHiredisParser as _HiredisParser
 from redis.exceptions import AskError, MovedError, ResponseError, WatchError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -177,8 +179,51 @@ def _command_key(command: Sequence[Any]) -> Any:
 
 
 def _pack_fcall(function: str, keys: Sequence[str], args: Sequence[Any]) -> bytes:
-    return (b"*%d\r\n$5\r\nFCALL\r\n" % (3 + len(keys) + len(args)) + _bulk(function) + _bulk(len(keys))
-            + b"".join(map(_bulk, keys)) + b"".join(map(_bulk, args)))
+    """FCALL in RESP. Function name and keys are ASCII text in practice: formatted as one str and encoded
+    once (a third less than a bulk string each); anything else takes the general path."""
+    text = f"${len(function)}\r\n{function}\r\n${len(str(len(keys)))}\r\n{len(keys)}\r\n" + "".join(
+        [f"${len(key)}\r\n{key}\r\n" for key in keys])
+    if text.isascii():
+        head = b"*%d\r\n$5\r\nFCALL\r\n" % (3 + len(keys) + len(args)) + text.encode()
+    else:
+        head = (b"*%d\r\n$5\r\nFCALL\r\n" % (3 + len(keys) + len(args)) + _bulk(function) + _bulk(len(keys))
+                + b"".join(map(_bulk, keys)))
+    return head + b"".join(map(_bulk, args))
+
+
+async def _hiredis_roundtrip(connection: Any, data: bytes, count: int) -> list[Any]:
+    """Writes `data` (count commands) on a connected redis-py connection with the hiredis parser and reads
+    the count replies from its Reader: error replies as ResponseError values, RESP3 push messages handed to
+    the parser's handler as redis-py does; the whole exchange bounded by the connection's socket_timeout
+    (redis TimeoutError), a socket error is a redis ConnectionError. The caller disconnects on any error."""
+    parser = connection._parser
+    reader = parser._reader
+    push_type = parser._hiredis_PushNotificationType
+    timeout = connection.socket_timeout
+    replies: list[Any] = []
+    try:
+        async with asyncio.timeout(timeout):
+            writer = connection._writer
+            writer.write(data)
+            await writer.drain()
+            while len(replies) < count:
+                reply = reader.gets()
+                if reply is _NOT_ENOUGH_DATA:
+                    await parser.read_from_socket()
+                    continue
+                if push_type is not None and type(reply) is push_type:
+                    await parser.handle_push_response(reply)
+                    continue
+                if isinstance(reply, RedisConnectionError):
+                    raise reply
+                replies.append(reply)
+    except TimeoutError:
+        raise RedisTimeoutError(f"no reply from Redis within {timeout} s") from None
+    except OSError as exc:
+        raise RedisConnectionError(f"Redis connection failed: {exc}") from exc
+    if connection.health_check_interval:
+        connection.next_health_check = asyncio.get_running_loop().time() + connection.health_check_interval
+    return replies
 
 
 class _Call:
@@ -405,7 +450,8 @@ class BalanceStore:
         self._sending.append(batch)
         try:
             results = await self._execute(batch)
-            retry = [call for call, result in zip(batch, results, strict=True) if is_missing_function(result)]
+            retry = [call for call, result in zip(batch, results, strict=True)
+                     if type(result) is not bytes and is_missing_function(result)]
             if retry:
                 await self._load_library()
                 again = dict(zip(map(id, retry), await self._execute(retry), strict=True))
@@ -420,12 +466,13 @@ class BalanceStore:
         finally:
             self._sending.remove(batch)
         for call, result in zip(batch, results, strict=True):
-            if call.future.done():  # the caller was cancelled
+            future = call.future
+            if future.done():  # the caller was cancelled
                 continue
             if isinstance(result, Exception):
-                call.future.set_exception(result)
+                future.set_exception(result)
             else:
-                call.future.set_result(result)
+                future.set_result(result)
 
     async def _execute(self, batch: list[_Call]) -> list[Any]:
         """One pipeline for the batch; the result (or error) of each call's FCALL, in order (an error of a
@@ -446,10 +493,14 @@ class BalanceStore:
             replies_per_call.append(len(call.extra) + (1 if call.function else 0))
         self.pipelines_sent += 1
         self.calls_sent += len(batch)
-        replies = iter(await (self._cluster_roundtrip(chunks, routes) if cluster else self._roundtrip(chunks)))
+        replies = await (self._cluster_roundtrip(chunks, routes) if cluster else self._roundtrip(chunks))
+        if replies_per_call.count(1) == len(batch):  # one reply per call: the replies are the results
+            return replies
         results = []
+        position = 0
         for count in replies_per_call:
-            mine = [next(replies) for _ in range(count)]
+            mine = replies[position:position + count]
+            position += count
             results.append(next((r for r in mine if isinstance(r, ResponseError)), mine[-1]))
         return results
 
@@ -457,10 +508,16 @@ class BalanceStore:
         """Sends packed commands on one pooled connection and reads every reply; error replies come back as
         ResponseError values. The commands are packed here (_pack) rather than by redis-py's generic packer,
         which costs more than all the rest of a charge() on this side; redis-py still owns the connection
-        (pool, auth, TLS, RESP parsing with hiredis). `client`: a cluster node's (default: the server's)."""
+        (pool, auth, TLS, RESP parsing with hiredis). `client`: a cluster node's (default: the server's).
+
+        With redis-py's hiredis parser (the installed one), the batch is written and its replies taken from
+        the parser's hiredis Reader here (`_hiredis_roundtrip`): one timeout for the whole pipeline instead
+        of a wait_for Task for the write and a timeout context per reply."""
         pool = (client or self.redis).connection_pool
         connection = await pool.get_connection()
         try:
+            if type(connection._parser) is _HiredisParser and connection.is_connected:
+                return await _hiredis_roundtrip(connection, b"".join(packed), len(packed))
             await connection.send_packed_command(b"".join(packed), check_health=False)
             replies: list[Any] = []
             for _ in range(len(packed)):
@@ -541,20 +598,34 @@ class BalanceStore:
             if not timed or self.call_timeout is None:
                 return await awaitable
             return await asyncio.wait_for(awaitable, self.call_timeout)
-        except TimeoutError:
-            raise StoreUnavailable(f"no answer from Redis within {self.call_timeout * 1000:.0f} ms") from None
-        except (RedisConnectionError, RedisTimeoutError) as exc:
-            raise StoreUnavailable(f"Redis unavailable: {exc}") from exc
-        except ResponseError as exc:
-            if str(exc).startswith(UNAVAILABLE_REPLIES):
-                raise StoreUnavailable(f"Redis busy: {exc}") from exc
-            raise
+        except (TimeoutError, RedisConnectionError, RedisTimeoutError, ResponseError) as exc:
+            raised = self._unavailable(exc)
+            if raised is exc:
+                raise
+            raise raised from exc
+
+    def _unavailable(self, exc: Exception) -> Exception:
+        """What a caller hears for a Redis error: StoreUnavailable when Redis is down, busy or slow (a timeout,
+        a lost connection, a BUSY/LOADING/... reply), the error itself otherwise."""
+        if isinstance(exc, TimeoutError):
+            return StoreUnavailable(f"no answer from Redis within {(self.call_timeout or 0) * 1000:.0f} ms")
+        if isinstance(exc, RedisConnectionError | RedisTimeoutError):
+            return StoreUnavailable(f"Redis unavailable: {exc}")
+        if isinstance(exc, ResponseError) and str(exc).startswith(UNAVAILABLE_REPLIES):
+            return StoreUnavailable(f"Redis busy: {exc}")
+        return exc
 
     async def _call(self, name: str, keys: Sequence[str], args: Sequence[Any],
                     extra: Sequence[tuple] = ()) -> Any:
         if self._partitions is None:
             await self._bounded(self.ready(), timed=True)
-        return await self._bounded(self._enqueue(self.library.functions[name], keys, args, extra))
+        try:  # _bounded's untimed case, inlined: this runs once per CCR
+            return await self._enqueue(self.library.functions[name], keys, args, extra)
+        except (TimeoutError, RedisConnectionError, RedisTimeoutError, ResponseError) as exc:
+            raised = self._unavailable(exc)
+            if raised is exc:
+                raise
+            raise raised from exc
 
     async def _commands(self, *commands: tuple) -> Any:
         """Plain commands riding in the tick's pipeline, bounded like a call; the last one's reply."""

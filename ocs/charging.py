@@ -36,7 +36,17 @@ from balances.model import (
 )
 from balances.store import BalanceStore
 from ocs.clock import Clock
-from protocol.codec import Avp, DecodeError, Message, encode_answer, encode_avp
+from protocol.codec import (
+    Avp,
+    DecodeError,
+    Message,
+    avp_encoder,
+    avp_framer,
+    avp_key,
+    encode_answer,
+    encode_answer_body,
+    encode_avp,
+)
 from protocol.dictionary import lookup
 from ratecards.keys import normalize_plmn, plmn_from_user_location_info
 from ratecards.rater import Rater, UnknownRate
@@ -64,6 +74,9 @@ REQUIRED_CCR_AVPS = (
     "CC-Request-Type",
     "CC-Request-Number",
 )
+_REQUIRED_KEYS = frozenset(map(avp_key, REQUIRED_CCR_AVPS))
+_CC_REQUEST_TYPE = avp_key("CC-Request-Type")
+_AUTH_APPLICATION_ID = avp_key("Auth-Application-Id")
 # ISO 4217 numeric codes for Cost-Information / Remaining-Balance
 CURRENCY_CODES = {"EUR": 978, "USD": 840, "GBP": 826, "CHF": 756, "SEK": 752, "NOK": 578, "DKK": 208,
                   "PLN": 985, "CZK": 203, "HUF": 348, "RON": 946, "TRY": 949, "INR": 356, "BRL": 986,
@@ -183,7 +196,7 @@ class QuotaAvps:
     Quota-Holding-Time, Trigger (TS 32.299 order); only GSU, the ids and Result-Code change per request.
     """
 
-    __slots__ = ("validity", "final_validity", "action", "fui", "fair_usage_fui", "thresholds", "tail")
+    __slots__ = ("validity", "final_validity", "action", "fui", "fair_usage_fui", "thresholds", "_armed", "tail")
 
     def __init__(self, s: RatingSchedule) -> None:
         self.validity = encode_avp("Validity-Time", s.validity_time) if s.validity_time else b""
@@ -204,6 +217,11 @@ class QuotaAvps:
         if s.unit_quota_threshold:
             thresholds.append((("units",), encode_avp("Unit-Quota-Threshold", s.unit_quota_threshold)))
         self.thresholds = tuple(thresholds)
+        # the joined thresholds per (time granted, volume granted, units granted)
+        self._armed = {(t, v, u): b"".join(avp for fields, avp in self.thresholds
+                                           if (t and "time" in fields) or (v and "total" in fields)
+                                           or (u and "units" in fields))
+                       for t in (False, True) for v in (False, True) for u in (False, True)}
         tail = b""
         if s.quota_holding_time is not None:
             tail += encode_avp("Quota-Holding-Time", s.quota_holding_time)
@@ -220,8 +238,15 @@ class QuotaAvps:
             return self.fui
         return encode_avp("Final-Unit-Indication", [("Final-Unit-Action", action)])
 
-    def armed_thresholds(self, granted: Units) -> list[bytes]:
-        return [avp for fields, avp in self.thresholds if any(getattr(granted, f) is not None for f in fields)]
+    def armed_thresholds(self, granted: Units) -> bytes:
+        """The thresholds of the unit types granted, encoded and joined (time, volume, units order)."""
+        armed = self._armed.get((granted.time is not None,
+                                 granted.total is not None or granted.input is not None or granted.output is not None,
+                                 granted.units is not None))
+        if armed is None:
+            armed = b"".join(avp for fields, avp in self.thresholds
+                             if any(getattr(granted, f) is not None for f in fields))
+        return armed
 
 
 def _fui_avps(s: RatingSchedule) -> list:
@@ -239,13 +264,10 @@ def _fui_avps(s: RatingSchedule) -> list:
 def _units(group: Avp | None) -> Units | None:
     if group is None:
         return None
-    return Units(
-        time=group.get("CC-Time"),
-        total=group.get("CC-Total-Octets"),
-        input=group.get("CC-Input-Octets"),
-        output=group.get("CC-Output-Octets"),
-        units=group.get("CC-Service-Specific-Units"),
-    )
+    present = group.avp_keys
+    if not present:  # the usual Requested-Service-Unit: empty, "as much as you give"
+        return Units()
+    return Units(**{field: group.get(key) for field, key in _UNIT_KEYS if key in present})
 
 
 def _sum_units(groups: list[Avp]) -> tuple[Units | None, int | None, tuple[Units | None, ...]]:
@@ -256,18 +278,20 @@ def _sum_units(groups: list[Avp]) -> tuple[Units | None, int | None, tuple[Units
     totals: list[dict[str, int] | None] = [{}, None, None, None]  # plain, before, after, indeterminate
     reason = None
     for group in groups:
-        usage = group.get("Tariff-Change-Usage")
+        present = group.avp_keys
+        usage = group.get(_TARIFF_CHANGE_USAGE) if _TARIFF_CHANGE_USAGE in present else None
         slot = usage + 1 if usage in (UNIT_BEFORE_TARIFF_CHANGE, UNIT_AFTER_TARIFF_CHANGE, UNIT_INDETERMINATE) \
             else 0
         total = totals[slot]
         if total is None:
             total = totals[slot] = {}
-        for field, avp_name in UNIT_AVP.items():
-            value = group.get(avp_name)
-            if value is not None:
-                total[field] = total.get(field, 0) + value
-        if reason is None:
-            reason = group.get("Reporting-Reason")
+        for field, key in _UNIT_KEYS:
+            if key in present:
+                value = group.get(key)
+                if value is not None:
+                    total[field] = total.get(field, 0) + value
+        if reason is None and _REPORTING_REASON in present:
+            reason = group.get(_REPORTING_REASON)
     plain, *split = totals
     if not any(t is not None for t in split):
         return Units(**plain), reason, _NO_SPLIT
@@ -275,6 +299,9 @@ def _sum_units(groups: list[Avp]) -> tuple[Units | None, int | None, tuple[Units
 
 
 _NO_SPLIT: tuple[Units | None, ...] = (None, None, None)
+_UNIT_KEYS = tuple((field, avp_key(name)) for field, name in UNIT_AVP.items())  # Units field, AVP key
+_TARIFF_CHANGE_USAGE = avp_key("Tariff-Change-Usage")
+_REPORTING_REASON = avp_key("Reporting-Reason")
 _NO_PERIODS: dict[str, str] = {}
 _NO_KEYS: dict[str, str] = {}
 _SESSION_KEYS = frozenset({"zone", "destination"})  # the rating keys a session keeps from its CCR-I
@@ -537,6 +564,8 @@ class CreditControl:
         self.accept_unknown_service_context = accept_unknown_service_context
         self._failure_handling = failure_handling
         self._failure_hints: dict[tuple[str, str], list[bytes]] = {}
+        self._result_blocks: dict[int, bytes] = {}  # Result-Code, Origin-Host/-Realm, Auth-Application-Id
+        self._peer_tails: dict[tuple, bytes] = {}  # CC-Session-Failover and hints per (host, realm, failover)
         self._identity = [("Origin-Host", origin_host), ("Origin-Realm", origin_realm)]
         self._default_quotas = dict(default_quotas or {})
         self._charging_horizon = charging_horizon
@@ -559,8 +588,7 @@ class CreditControl:
         request_type = None
         started = time.perf_counter()
         try:
-            self._check_required(message)
-            request_type = message.get("CC-Request-Type")
+            request_type = self._check_required(message)
             outcome, location, quotas = await self._charge(message, request_type, peer)
             answer = self._encode(message, outcome, quotas)
             if self.metrics is not None:
@@ -584,22 +612,25 @@ class CreditControl:
 
     # ---- request checks ----------------------------------------------------------------------------------
 
-    def _check_required(self, message: Message) -> None:
-        for name in REQUIRED_CCR_AVPS:
-            if message.find(name) is None:
-                raise missing_avp(name)
-        request_type = message.find("CC-Request-Type")
-        if request_type.value not in (INITIAL, UPDATE, TERMINATION, EVENT):
-            raise invalid_avp(request_type, "CC-Request-Type must be 1..4")
-        app = message.find("Auth-Application-Id")
-        if app.value != 4:
-            raise invalid_avp(app, "Auth-Application-Id must be 4 (credit control)")
-        if request_type.value == EVENT:
+    def _check_required(self, message: Message) -> int:
+        """5005/5004 for a CCR without what RFC 4006 §3.1 requires; its CC-Request-Type. The presence test is
+        one C-level subset test over the top-level index; AVPs are built only for an error answer."""
+        if not _REQUIRED_KEYS.issubset(message.avp_keys):
+            for name in REQUIRED_CCR_AVPS:
+                if message.find(name) is None:
+                    raise missing_avp(name)
+        request_type = message.get(_CC_REQUEST_TYPE)
+        if request_type not in (INITIAL, UPDATE, TERMINATION, EVENT):
+            raise invalid_avp(message.find(_CC_REQUEST_TYPE), "CC-Request-Type must be 1..4")
+        if message.get(_AUTH_APPLICATION_ID) != 4:
+            raise invalid_avp(message.find(_AUTH_APPLICATION_ID), "Auth-Application-Id must be 4 (credit control)")
+        if request_type == EVENT:
             action = message.find("Requested-Action")
             if action is None:
                 raise missing_avp("Requested-Action")
             if action.value not in (0, 1, 2, 3):
                 raise invalid_avp(action, "Requested-Action must be 0..3")
+        return request_type
 
     def _check_service_context(self, message: Message) -> None:
         """5031 RATING_FAILED with Failed-AVP for a service we cannot rate (digest §3.6); checked when a
@@ -662,7 +693,7 @@ class CreditControl:
                                         plmn or location.plmn, destination or location.destination)
                     if request_type == UPDATE:
                         session_location = location
-        command_level = not message.find_all("Multiple-Services-Credit-Control")
+        command_level = _MSCC_KEY not in message.avp_keys
         now_ms = self.clock.now_ms()
         for _attempt in range(2):
             msccs, rating_failures, quotas = self._msccs(message, location, request_type, now_ms)
@@ -806,23 +837,34 @@ class CreditControl:
     # ---- answers -----------------------------------------------------------------------------------------
 
     def _header_avps(self, message: Message, result_code: int) -> list:
-        avps: list = [
-            ("Session-Id", message.session_id or ""),
-            ("Result-Code", result_code),
-            *self._identity,
-            ("Auth-Application-Id", 4),
-        ]
-        request_type = message.get("CC-Request-Type")
+        """The answer's leading AVPs (error answers; a CCA built by _encode has the same bytes from _header)."""
+        return [self._header(message, result_code, message.get(_CC_REQUEST_TYPE), message.get(_CC_REQUEST_NUMBER))]
+
+    def _header(self, message: Message, result_code: int, request_type: int | None,
+                request_number: int | None) -> bytes:
+        """Session-Id, Result-Code, Origin-Host, Origin-Realm, Auth-Application-Id, CC-Request-Type/-Number,
+        CC-Session-Failover and the failure-handling hints, from bytes cached per result code and per peer."""
+        fixed = self._result_blocks.get(result_code)
+        if fixed is None:
+            fixed = _RESULT_CODE(result_code) + b"".join(encode_avp(n, v) for n, v in self._identity) + _AUTH_APP_4
+            if len(self._result_blocks) < 1_000:
+                self._result_blocks[result_code] = fixed
+        header = _SESSION_ID(message.get(_SESSION_ID_KEY) or "") + fixed
         if request_type is not None:
-            avps.append(("CC-Request-Type", request_type))
-        request_number = message.get("CC-Request-Number")
+            header += _CC_REQUEST_TYPE_AVP(request_type)
         if request_number is not None:
-            avps.append(("CC-Request-Number", request_number))
-        if self.cc_session_failover is not None:
-            avps.append(("CC-Session-Failover", self.cc_session_failover))
-        if self._failure_handling is not None:
-            avps.extend(self._hints_for(message.get("Origin-Host") or "", message.get("Origin-Realm") or ""))
-        return avps
+            header += _CC_REQUEST_NUMBER_AVP(request_number)
+        host, realm = message.get(_ORIGIN_HOST) or "", message.get(_ORIGIN_REALM) or ""
+        failover = self.cc_session_failover
+        key = (host, realm, failover)
+        tail = self._peer_tails.get(key)
+        if tail is None:
+            tail = encode_avp("CC-Session-Failover", failover) if failover is not None else b""
+            if self._failure_handling is not None:
+                tail += b"".join(self._hints_for(host, realm))
+            if len(self._peer_tails) < 10_000:
+                self._peer_tails[key] = tail
+        return header + tail
 
     def _hints_for(self, host: str, realm: str) -> list[bytes]:
         """CCFH/DDFH for this gateway (a peer rule, else a realm rule, else the default), encoded once per
@@ -851,6 +893,17 @@ class CreditControl:
     def _trailer(self, message: Message) -> list:
         return [bytes(p.raw) for p in message.find_all("Proxy-Info")]
 
+    @staticmethod
+    def _trailer_bytes(message: Message) -> bytes:
+        """The request's Proxy-Info AVPs as received (RFC 6733 §6.7.3), padded."""
+        if _PROXY_INFO not in message.avp_keys:
+            return b""
+        trailer = b""
+        for proxy_info in message.find_all(_PROXY_INFO):
+            raw = proxy_info.raw
+            trailer += raw + _PAD[len(raw) & 3]
+        return trailer
+
     def _too_busy(self, message: Message) -> bytes:
         """3004 as a protocol error (E bit, generic answer, RFC 6733 §7.2): the gateway's CCFH decides
         whether to retry elsewhere; a retry of a request that did commit is a duplicate and changes nothing."""
@@ -870,100 +923,156 @@ class CreditControl:
 
     def _encode(self, message: Message, outcome: ChargeOutcome, quotas: dict) -> bytes:
         """The CCA; `quotas` holds, per (rating group, Service-Identifier), the constant AVPs of the schedule
-        this request was rated with and the Validity-Time of a grant (see _mscc_charge)."""
-        avps = self._header_avps(message, outcome.result_code)
+        this request was rated with and the Validity-Time of a grant (see _mscc_charge). Built from encoded
+        bytes (cached constant parts, one struct call per integer AVP) and joined once."""
+        request_type = message.get(_CC_REQUEST_TYPE)
+        result_code = outcome.result_code
+        parts: list[bytes] = []
+        add = parts.append
         failed: list[bytes] = []
-        command_level = not message.find_all("Multiple-Services-Credit-Control")
-        session = message.get("CC-Request-Type") != EVENT  # an event gets units, never quota control
-        if command_level:
+        session = request_type != EVENT  # an event gets units, never quota control
+        if _MSCC_KEY not in message.avp_keys:
             # RFC 4006 form: GSU, Cost-Information, FUI and Validity-Time at command level (no 3GPP thresholds,
             # holding time or triggers: they live in MSCC only)
             for mscc in outcome.msccs:
                 quota, validity = _quota_for(quotas, mscc, session)
                 if mscc.granted is not None:
-                    avps.append(("Granted-Service-Unit", self._gsu_avps(mscc)))
+                    add(_gsu(mscc))
                 if mscc.cost is not None:
-                    avps.append(("Cost-Information", self._cost(mscc.cost)))
+                    add(self._cost_bytes(mscc.cost))
                 if mscc.final_unit_action is not None:
-                    avps.append(quota.final_unit_indication(mscc.final_unit_action, mscc.fair_usage)
-                                if quota is not None else encode_avp("Final-Unit-Indication",
-                                                                     [("Final-Unit-Action", mscc.final_unit_action)]))
+                    add(quota.final_unit_indication(mscc.final_unit_action, mscc.fair_usage)
+                        if quota is not None else _bare_fui(mscc.final_unit_action))
                 if quota is not None:
                     validity = validity if mscc.granted is not None else (
                         quota.final_validity if mscc.final_unit_action is not None else b"")
                     if validity:
-                        avps.append(validity)
+                        add(validity)
                 if mscc.result_code != SUCCESS and outcome.result_code == SUCCESS:
-                    avps[1] = ("Result-Code", mscc.result_code)
+                    result_code = mscc.result_code
         else:
+            cost = None
             for mscc in outcome.msccs:
                 quota, validity = _quota_for(quotas, mscc, session)
-                avps.append(("Multiple-Services-Credit-Control", self._mscc_avps(mscc, quota, validity)))
+                add(_mscc_bytes(mscc, quota, validity))
                 if mscc.result_code == RATING_FAILED:
-                    failed.append(encode_avp("Rating-Group", mscc.rating_group))
-            costs = [m.cost for m in outcome.msccs if m.cost is not None]
-            if costs:
-                avps.append(("Cost-Information", self._cost(sum(costs))))
+                    failed.append(_RATING_GROUP(mscc.rating_group))
+                if mscc.cost is not None:
+                    cost = mscc.cost if cost is None else cost + mscc.cost
+            if cost is not None:
+                add(self._cost_bytes(cost))
         if outcome.check_balance_result is not None:
-            avps.append(("Check-Balance-Result", outcome.check_balance_result))
-        avps.extend(self._trailer(message))
+            add(_CHECK_BALANCE_RESULT(outcome.check_balance_result))
+        add(self._trailer_bytes(message))
         if failed:
-            avps.append(("Failed-AVP", failed))
-        return encode_answer(message, avps)
+            add(_FAILED_AVP(b"".join(failed)))
+        header = self._header(message, result_code, request_type, message.get(_CC_REQUEST_NUMBER))
+        return encode_answer_body(message, header + b"".join(parts))
 
-    @staticmethod
-    def _unit_avps(units: Units) -> list:
-        return [(UNIT_AVP[field], value) for field, value in msgspec.structs.asdict(units).items()
-                if value is not None]
+    def _cost_bytes(self, micro: int) -> bytes:
+        """Cost-Information ::= {Unit-Value} {Currency-Code} (RFC 4006 §8.7), encoded."""
+        digits, exponent = _digits_exponent(micro)
+        return _COST_INFORMATION(_UNIT_VALUE(_VALUE_DIGITS(digits) + _EXPONENT(exponent))
+                                 + _CURRENCY_CODE(CURRENCY_CODES.get(self.rating.currency, 978)))
 
-    @classmethod
-    def _gsu_avps(cls, mscc: MsccOutcome) -> list:
-        """Granted-Service-Unit ::= [Tariff-Time-Change] [CC-Time] ... (RFC 4006 §8.17, TS 32.299): the
-        change inside the grant, as NTP seconds."""
-        units = cls._unit_avps(mscc.granted)
-        if mscc.tariff_change_ms is not None:
-            units.insert(0, ("Tariff-Time-Change", mscc.tariff_change_ms // 1000))
-        return units
 
-    def _mscc_avps(self, mscc: MsccOutcome, quota: QuotaAvps | None, validity: bytes = b"") -> list:
-        """One answer MSCC. `quota` (an MSCC of a session answered 2001, or with a final unit action such as
-        5030 for a bundle-only rating group) adds the rate card's quota control: with a grant its
-        Validity-Time (`validity`), thresholds (not with final units: nothing more to ask for), holding time
-        and triggers; without a grant but with final_unit_action (REDIRECT/RESTRICT_ACCESS, the units are
-        used, or none to give) the Validity-Time of the restricted state and the FUI with its Redirect-Server
-        or filters (the fair-usage ones when the outcome says so), so the gateway keeps redirecting."""
-        avps: list = []
-        granted = mscc.granted
-        if granted is not None:
-            avps.append(("Granted-Service-Unit", self._gsu_avps(mscc)))
-        if mscc.service_id is not None:
-            avps.append(("Service-Identifier", mscc.service_id))
-        avps.append(("Rating-Group", mscc.rating_group))
-        if quota is None:
-            avps.append(("Result-Code", mscc.result_code))
-            if mscc.final_unit_action is not None:
-                avps.append(("Final-Unit-Indication", [("Final-Unit-Action", mscc.final_unit_action)]))
-            return avps
-        if granted is not None:
-            if validity:
-                avps.append(validity)
-        elif mscc.final_unit_action is not None and quota.final_validity:
-            avps.append(quota.final_validity)
-        avps.append(("Result-Code", mscc.result_code))
-        if mscc.final_unit_action is not None:
-            avps.append(quota.final_unit_indication(mscc.final_unit_action, mscc.fair_usage))
-        if granted is not None:
-            if mscc.final_unit_action is None and quota.thresholds:
-                avps.extend(quota.armed_thresholds(granted))
-            if quota.tail:
-                avps.append(quota.tail)
-        return avps
+def _digits_exponent(micro: int) -> tuple[int, int]:
+    """Micro-units as Unit-Value digits and exponent, trailing zeros dropped (2_500_000 → 25, -1)."""
+    digits, exponent = micro, -6
+    while digits and digits % 10 == 0 and exponent < 0:
+        digits //= 10
+        exponent += 1
+    return digits, exponent
 
-    def _cost(self, micro: int) -> list:
-        digits, exponent = micro, -6
-        while digits and digits % 10 == 0 and exponent < 0:
-            digits //= 10
-            exponent += 1
-        currency = self.rating.currency
-        return [("Unit-Value", [("Value-Digits", digits), ("Exponent", exponent)]),
-                ("Currency-Code", CURRENCY_CODES.get(currency, 978))]
+
+_PAD = (b"", b"\0\0\0", b"\0\0", b"\0")  # indexed by length & 3
+_SESSION_ID_KEY = avp_key("Session-Id")
+_ORIGIN_HOST = avp_key("Origin-Host")
+_ORIGIN_REALM = avp_key("Origin-Realm")
+_CC_REQUEST_NUMBER = avp_key("CC-Request-Number")
+_PROXY_INFO = avp_key("Proxy-Info")
+_MSCC_KEY = avp_key("Multiple-Services-Credit-Control")
+_SESSION_ID = avp_encoder("Session-Id")
+_RESULT_CODE = avp_encoder("Result-Code")
+_CC_REQUEST_TYPE_AVP = avp_encoder("CC-Request-Type")
+_CC_REQUEST_NUMBER_AVP = avp_encoder("CC-Request-Number")
+_AUTH_APP_4 = encode_avp("Auth-Application-Id", 4)
+_RATING_GROUP = avp_encoder("Rating-Group")
+_SERVICE_IDENTIFIER = avp_encoder("Service-Identifier")
+_TARIFF_TIME_CHANGE = avp_encoder("Tariff-Time-Change")
+_CHECK_BALANCE_RESULT = avp_encoder("Check-Balance-Result")
+_VALUE_DIGITS = avp_encoder("Value-Digits")
+_EXPONENT = avp_encoder("Exponent")
+_CURRENCY_CODE = avp_encoder("Currency-Code")
+_CC_TIME = avp_encoder("CC-Time")
+_CC_TOTAL_OCTETS = avp_encoder("CC-Total-Octets")
+_CC_INPUT_OCTETS = avp_encoder("CC-Input-Octets")
+_CC_OUTPUT_OCTETS = avp_encoder("CC-Output-Octets")
+_CC_SERVICE_SPECIFIC_UNITS = avp_encoder("CC-Service-Specific-Units")
+_MSCC = avp_framer("Multiple-Services-Credit-Control")
+_GSU = avp_framer("Granted-Service-Unit")
+_COST_INFORMATION = avp_framer("Cost-Information")
+_UNIT_VALUE = avp_framer("Unit-Value")
+_FAILED_AVP = avp_framer("Failed-AVP")
+_BARE_FUI: dict[int, bytes] = {}  # Final-Unit-Action → Final-Unit-Indication with only that action
+
+
+def _bare_fui(action: int) -> bytes:
+    """Final-Unit-Indication with only its Final-Unit-Action (no schedule to take filters from)."""
+    fui = _BARE_FUI.get(action)
+    if fui is None:
+        fui = encode_avp("Final-Unit-Indication", [("Final-Unit-Action", action)])
+        if len(_BARE_FUI) < 64:
+            _BARE_FUI[action] = fui
+    return fui
+
+
+def _gsu(mscc: MsccOutcome) -> bytes:
+    """Granted-Service-Unit ::= [Tariff-Time-Change] [CC-Time] [CC-Total-Octets] [CC-Input-Octets]
+    [CC-Output-Octets] [CC-Service-Specific-Units] (RFC 4006 §8.17, TS 32.299): the change inside the grant,
+    as NTP seconds."""
+    units = mscc.granted
+    body = b"" if mscc.tariff_change_ms is None else _TARIFF_TIME_CHANGE(mscc.tariff_change_ms // 1000)
+    if units.time is not None:
+        body += _CC_TIME(units.time)
+    if units.total is not None:
+        body += _CC_TOTAL_OCTETS(units.total)
+    if units.input is not None:
+        body += _CC_INPUT_OCTETS(units.input)
+    if units.output is not None:
+        body += _CC_OUTPUT_OCTETS(units.output)
+    if units.units is not None:
+        body += _CC_SERVICE_SPECIFIC_UNITS(units.units)
+    return _GSU(body)
+
+
+def _mscc_bytes(mscc: MsccOutcome, quota: QuotaAvps | None, validity: bytes = b"") -> bytes:
+    """One answer MSCC. `quota` (an MSCC of a session answered 2001, or with a final unit action such as
+    5030 for a bundle-only rating group) adds the rate card's quota control: with a grant its Validity-Time
+    (`validity`), thresholds (not with final units: nothing more to ask for), holding time and triggers;
+    without a grant but with final_unit_action (REDIRECT/RESTRICT_ACCESS, the units are used, or none to
+    give) the Validity-Time of the restricted state and the FUI with its Redirect-Server or filters (the
+    fair-usage ones when the outcome says so), so the gateway keeps redirecting."""
+    granted = mscc.granted
+    body = b"" if granted is None else _gsu(mscc)
+    if mscc.service_id is not None:
+        body += _SERVICE_IDENTIFIER(mscc.service_id)
+    body += _RATING_GROUP(mscc.rating_group)
+    action = mscc.final_unit_action
+    if quota is None:
+        body += _RESULT_CODE(mscc.result_code)
+        if action is not None:
+            body += _bare_fui(action)
+        return _MSCC(body)
+    if granted is not None:
+        body += validity
+    elif action is not None:
+        body += quota.final_validity
+    body += _RESULT_CODE(mscc.result_code)
+    if action is not None:
+        body += quota.final_unit_indication(action, mscc.fair_usage)
+    if granted is not None:
+        if action is None and quota.thresholds:
+            body += quota.armed_thresholds(granted)
+        body += quota.tail
+    return _MSCC(body)

@@ -57,9 +57,12 @@ __all__ = [
     "DecodeError",
     "Message",
     "avp_encoder",
+    "avp_framer",
+    "avp_key",
     "decode_avp",
     "decode_message",
     "encode_answer",
+    "encode_answer_body",
     "encode_avp",
     "encode_message",
     "validate",
@@ -153,6 +156,13 @@ class _Container:
                 if avp is None:
                     objs[i] = Avp(buf, starts[i])
         return objs  # type: ignore[return-value]
+
+    @property
+    def avp_keys(self) -> list[int]:
+        """The `avp_key` of every child AVP in wire order, without decoding any (the index itself: read it,
+        do not change it); e.g. `required.issubset(message.avp_keys)` checks presence in one C call."""
+        keys = self._keys
+        return keys if keys is not None else self._build_index()
 
     def find(self, name_or_key: str | tuple[int, int] | AvpDef) -> Avp | None:
         """The first AVP with that name / (code, vendor) / AvpDef, or None."""
@@ -388,6 +398,11 @@ def _key(name_or_key: str | tuple[int, int] | AvpDef | int) -> int:
         key = _int_key(int(code), int(vendor))
     _KEYS[name_or_key] = key
     return key
+
+
+def avp_key(name_or_key: str | tuple[int, int] | AvpDef | int) -> int:
+    """The int key `code | vendor << 32` an AVP is indexed by (see Message.avp_keys)."""
+    return _key(name_or_key)
 
 
 # ------------------------------------------------------------------------------------------ decoding
@@ -829,6 +844,35 @@ def _encode_list(items: Iterable[Any]) -> bytes:
     return b"".join(parts)
 
 
+_FRAMERS: dict[Any, Callable[[bytes], bytes]] = {}
+
+
+def avp_framer(name_or_def: str | AvpDef) -> Callable[[bytes], bytes]:
+    """payload -> padded AVP bytes (header from the definition, as `avp_encoder`); for a Grouped AVP the
+    payload is its children already encoded and joined, so answer builders can join cached bytes."""
+    try:
+        return _FRAMERS[name_or_def]
+    except KeyError:
+        pass
+    definition = lookup(name_or_def)
+    code, vendor = definition.code, definition.vendor
+    flags_word = ((AVP_FLAG_VENDOR if vendor else 0) | (AVP_FLAG_MANDATORY if definition.mandatory else 0)) << 24
+    if vendor:
+
+        def frame(payload: bytes) -> bytes:
+            n = len(payload)
+            return _AVP_HEADER_VENDOR.pack(code, flags_word | (12 + n), vendor) + payload + _PAD[n & 3]
+
+    else:
+
+        def frame(payload: bytes) -> bytes:
+            n = len(payload)
+            return _AVP_HEADER.pack(code, flags_word | (8 + n)) + payload + _PAD[n & 3]
+
+    _FRAMERS[name_or_def] = frame
+    return frame
+
+
 def _build_encoder(definition: AvpDef) -> Callable[[Any], bytes]:
     """Pre-pack what never changes for this definition and return value -> bytes."""
     code, vendor, kind = definition.code, definition.vendor, definition.type
@@ -958,3 +1002,13 @@ def encode_answer(request: Message, avps: Iterable[AvpInput], *, error: bool = F
     return encode_message(
         request.command_code, request.application_id, flags, request.hop_by_hop, request.end_to_end, avps
     )
+
+
+def encode_answer_body(request: Message, body: bytes, *, error: bool = False) -> bytes:
+    """encode_answer for AVPs already encoded and joined (each padded): the header in one pack."""
+    length = HEADER_LENGTH + len(body)
+    if length > 0xFFFFFF:
+        raise ValueError(f"message of {length} bytes does not fit the 24-bit length")
+    flags = (request.flags & FLAG_PROXIABLE) | (FLAG_ERROR if error else 0)
+    return _MESSAGE_HEADER.pack(0x01000000 | length, flags << 24 | request.command_code, request.application_id,
+                                request.hop_by_hop, request.end_to_end) + body
