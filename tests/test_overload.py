@@ -279,8 +279,8 @@ async def test_when_answers_take_too_long_new_sessions_joining_the_queue_are_ans
 
 
 def test_queue_budgets_are_checked():
-    config = load_config(None, environ={"OCS_OVERLOAD__MAX_QUEUE_MS": "80"})
-    assert (config.overload.max_queue_ms, config.overload.new_sessions_max_queue_ms) == (80, 25)
-    for bad in ({"OCS_OVERLOAD__NEW_SESSIONS_MAX_QUEUE_MS": "0"}, {"OCS_OVERLOAD__MAX_QUEUE_MS": "10"}):
+    config = load_config(None, environ={"OCS_OVERLOAD__MAX_QUEUE_MS": "150"})
+    assert (config.overload.max_queue_ms, config.overload.new_sessions_max_queue_ms) == (150, 100)
+    for bad in ({"OCS_OVERLOAD__NEW_SESSIONS_MAX_QUEUE_MS": "0"}, {"OCS_OVERLOAD__MAX_QUEUE_MS": "50"}):
         with pytest.raises(ConfigError, match="max_queue_ms"):
             load_config(None, environ=bad)
