@@ -169,3 +169,23 @@ def renewal_key(partition: int) -> str:
     """Sorted set: subscribers on a catalog plan, scored by the end of their current period (ms): what the
     renewal sweep reads."""
     return f"renew:{tag(partition)}"
+
+
+# ---- bill-shock notifications (ocs.billshock) ------------------------------------------------------------
+
+
+def billshock_state_key(partition: int, msisdn: str) -> str:
+    """Hash of the subscriber's notification counters: 'cr:<bucket>' units credited to an allowance bucket,
+    'period' the newest spend period, 'spend:<period>' micro-units spent in it."""
+    return f"bshock:{tag(partition)}:{msisdn}"
+
+
+def notified_key(partition: int, msisdn: str) -> str:
+    """Hash: '<kind>:<bucket or period>:<threshold>' -> the ledger entry id that emitted that notification
+    (each notification is emitted once)."""
+    return f"notified:{tag(partition)}:{msisdn}"
+
+
+def notify_key(partition: int) -> str:
+    """Stream of the partition's notifications (bill-shock events), read by the webhook delivery and the CLI."""
+    return f"notify:{tag(partition)}"

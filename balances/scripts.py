@@ -20,7 +20,7 @@ from redis.exceptions import ResponseError
 
 LUA_DIR = Path(__file__).resolve().parent / "lua"
 COMMON = "common.lua"
-NAMES = ("charge", "event", "topup", "provision", "close", "bucket", "member", "catalog")
+NAMES = ("charge", "event", "topup", "provision", "close", "bucket", "member", "catalog", "billshock")
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from rich.table import Table
 
 from billing.cli import register as register_billing
 from ocs.balance_cli import register as register_balances
+from ocs.billshock import register as register_notifications
 from ocs.catalog_cli import register as register_catalog
 from ocs.config import Config, ConfigError, load_config
 from ocs.ratecard_cli import register as register_ratecards
@@ -35,6 +36,7 @@ register_billing(app)  # bill, invoice, payment, account, cdr, reconcile (billin
 register_ratecards(app)  # ratecard validate|load|show, rate (ocs/ratecard_cli.py)
 register_balances(app, subscriber_app)  # audit, adjust, bucket, group, subscriber set-status|set-account
 register_catalog(app, subscriber_app)  # plan load|list|show|renew, addon buy|list, subscriber change-plan
+register_notifications(app)  # notifications (ocs/billshock.py)
 
 console = Console()
 err_console = Console(stderr=True)

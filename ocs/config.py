@@ -141,6 +141,19 @@ class MetricsConfig(msgspec.Struct, forbid_unknown_fields=True):
     port: int = 9464  # 0 disables /metrics
 
 
+class NotificationsConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """Bill-shock notifications (ocs/billshock.py, docs/notifications.md): events on notify:{pNNN}, each once."""
+
+    enabled: bool = False  # run the bill-shock monitor (and the webhook delivery) inside `ocs serve`
+    # an allowance bucket's used share (percent of what it was credited) that emits an event
+    allowance_percent: list[int] = msgspec.field(default_factory=lambda: [80, 100])
+    # money spent in the period (decimal strings in the currency's major unit, e.g. "50.00") that emits an event
+    spend_thresholds: list[str] = msgspec.field(default_factory=list)
+    spend_period: str = "month"  # "day" | "month", in UTC
+    webhook_url: str = ""  # "" = no webhook; http:// or https://, each event POSTed as JSON
+    webhook_timeout_seconds: float = 5.0
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True):
     data_dir: str = "data"
     diameter: DiameterConfig = msgspec.field(default_factory=DiameterConfig)
@@ -150,6 +163,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     overload: OverloadConfig = msgspec.field(default_factory=OverloadConfig)
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
     failure_handling: FailureHandlingConfig = msgspec.field(default_factory=FailureHandlingConfig)
+    notifications: NotificationsConfig = msgspec.field(default_factory=NotificationsConfig)
 
     @property
     def cdr_directory(self) -> Path:
@@ -220,6 +234,7 @@ def load_config(path: str | Path | None = None, environ: dict[str, str] | None =
     except msgspec.ValidationError as exc:
         raise ConfigError(f"{path or 'configuration'}: {exc}") from None
     _check(config)
+    _check_notifications(config.notifications)
     return config
 
 
@@ -279,3 +294,32 @@ def _check(config: Config) -> None:
             raise ConfigError(f"charging.{name} must not be negative")
     if not Path(config.charging.ratecard).is_file():
         raise ConfigError(f"charging.ratecard: file not found: {config.charging.ratecard}")
+
+
+def spend_micro(text: str) -> int:
+    """A spend threshold ("50.00", major units) in micro-units; ValueError unless exact and positive."""
+    from decimal import Decimal, InvalidOperation
+
+    try:
+        value = Decimal(text) * 1_000_000
+    except (InvalidOperation, TypeError):
+        raise ValueError(f"not a decimal amount: {text!r}") from None
+    if not value.is_finite() or value != value.to_integral_value() or not 0 < value < 2**53:
+        raise ValueError(f"must be positive, below 9e9, with at most 6 decimals: {text!r}")
+    return int(value)
+
+
+def _check_notifications(n: NotificationsConfig) -> None:
+    if any(not 1 <= p <= 100 for p in n.allowance_percent):
+        raise ConfigError(f"notifications.allowance_percent must be 1..100, got {n.allowance_percent}")
+    for text in n.spend_thresholds:
+        try:
+            spend_micro(text)
+        except ValueError as exc:
+            raise ConfigError(f"notifications.spend_thresholds: {exc}") from None
+    if n.spend_period not in ("day", "month"):
+        raise ConfigError(f"notifications.spend_period must be day or month, got {n.spend_period!r}")
+    if n.webhook_url and not n.webhook_url.startswith(("http://", "https://")):
+        raise ConfigError(f"notifications.webhook_url must be an http:// or https:// URL, got {n.webhook_url!r}")
+    if n.webhook_timeout_seconds <= 0:
+        raise ConfigError("notifications.webhook_timeout_seconds must be positive")

@@ -193,6 +193,7 @@ class ServerApp:
         self.router: Router | None = None
         self.supervisor: Supervisor | None = None
         self.renewals = None  # ocs.catalog.RenewalSweep when charging.renewal_interval_seconds > 0
+        self.billshock = None  # ocs.billshock.BillShockMonitor when notifications.enabled
         self._supervision_stop = asyncio.Event()
         self._supervision_task: asyncio.Task | None = None
         self._restarts: set[tuple[str, int]] = set()  # (peer, new Origin-State-Id) already handled
@@ -277,6 +278,12 @@ class ServerApp:
             self.renewals = RenewalSweep(self.store, self.clock, self.config.charging.renewal_interval_seconds,
                                          on_renewed=self.subscriber_changed)
             self.renewals.start()
+        if self.config.notifications.enabled:
+            from ocs.billshock import BillShockMonitor
+
+            # bill-shock notifications from the ledger (each once) and their webhook; any number of processes
+            self.billshock = BillShockMonitor(self.store, self.config.notifications, clock=self.clock)
+            self.billshock.start()
         log.info("listening for Diameter on %s:%d as %s", d.listen_host, self.port, d.origin_host)
 
     def _start_cdr_writer(self) -> None:
@@ -348,6 +355,8 @@ class ServerApp:
             self._gauge_task.cancel()
         if self.renewals is not None:
             await self.renewals.stop()
+        if self.billshock is not None:
+            await self.billshock.stop()
         if self._ratecard_task is not None:
             self._ratecard_task.cancel()
         if self._cdr_task is not None:
