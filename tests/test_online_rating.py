@@ -563,3 +563,121 @@ def test_one_change_per_grant_and_the_period_keys():
     late, _, _ = control._msccs(message, location, 2, epoch("2027-03-10T23:00:00") * 1000)
     assert late[0].tariff_change_ms == epoch("2027-03-11T00:00:00") * 1000  # the cap's day ends
     assert late[0].next_periods == {"day": "2027-03-11"}
+
+
+# ---- extended pricing through the server ---------------------------------------------------------------------
+
+EXTENDED_CARD = """
+version = "extended-1"
+currency = "EUR"
+currency_minor_digits = 2
+rounding = "up"
+timezone = "UTC"
+
+[plans.online]
+default_rating_group = 200
+
+  [[plans.online.rates]]
+  rating_group = 200
+  service = "voice"
+  unit = "seconds"
+  price = "0.60"
+  per = 60
+  increment = 6
+  first_increment = 30
+  setup_fee = "0.10"
+  minimum_charge = "0.40"
+  scope = "session"
+  default_quota = 300
+  max_quota = 3600
+
+  [[plans.online.rates]]
+  rating_group = 300
+  service = "sms"
+  unit = "events"
+  price = "0.20"
+  per = 1
+  increment = 1
+  default_quota = 1
+  max_quota = 10
+  cap = "0.50"
+  cap_period = "day"
+"""
+
+
+async def test_extended_pricing_is_charged_online_as_the_rate_card_prices_it(valkey_url, tmp_path, clock):
+    """A 30/6 voice call with a setup fee and a minimum charge counted over the session, reported in three
+    CCRs, costs what ratecards.pricing says for the whole call (the reports telescope); SMS with a daily cap
+    stops costing at the cap and costs again the next day. Money, CDR amounts and `ocs audit` agree."""
+    from decimal import Decimal
+
+    from ocs.audit import audit
+    from ratecards import compile_ratecard, parse_ratecard
+    from ratecards.pricing import amount_for_units, charge_for_usage
+
+    app = await start(valkey_url, tmp_path, clock, card=EXTENDED_CARD)
+    gw = await Gateway.connect(app.port)
+    try:
+        schedules = compile_ratecard(parse_ratecard(EXTENDED_CARD))["online"]
+        voice, sms = schedules[VOICE], schedules[300]
+        # independent arithmetic from the card: 30 s first, then 6 s steps at 0.60/min = 0.06 per step;
+        # minimum 0.40 for the call, plus the 0.10 setup fee; rounded up to the cent
+        reports = [20, 25, 52]  # 97 s: 30 + 12 × 6 = 102 s billed → 0.30 + 0.72 = 1.02 + 0.10 fee
+        expected_call = Decimal("1.12")
+        assert amount_for_units(voice, sum(reports)) == int(expected_call * EUR)
+
+        sid = "pgw1.gw.test;ext-voice"
+        answer = await gw.request(ccr(sid, 1, 0, mscc(VOICE, RSU), context="32260@3gpp.org"))
+        assert answer.get("Result-Code") == 2001
+        for number, used in enumerate(reports[:-1], start=1):
+            answer = await gw.request(ccr(sid, 2, number, mscc(VOICE, RSU, usu("CC-Time", used)),
+                                          context="32260@3gpp.org"))
+            assert answer.get("Result-Code") == 2001
+        answer = await gw.request(ccr(sid, 3, len(reports), mscc(VOICE, usu("CC-Time", reports[-1])),
+                                      context="32260@3gpp.org"))
+        assert answer.get("Result-Code") == 2001
+        assert await money(app) == START_MONEY - int(expected_call * EUR)
+
+        # a 3-second call costs the minimum plus the fee, not 30 s of price
+        short = "pgw1.gw.test;ext-short"
+        await gw.request(ccr(short, 1, 0, mscc(VOICE, RSU), context="32260@3gpp.org"))
+        await gw.request(ccr(short, 3, 1, mscc(VOICE, usu("CC-Time", 3)), context="32260@3gpp.org"))
+        assert await money(app) == START_MONEY - int((expected_call + Decimal("0.50")) * EUR)
+
+        # SMS: 0.20 each, at most 0.50 a day (events, CCR-E direct debit)
+        before = await money(app)
+        charged = []
+        for n in range(4):
+            event = [("Session-Id", f"smsc;ext-sms-{n}"), ("Origin-Host", "pgw1.gw.test"),
+                     ("Origin-Realm", "gw.test"), ("Destination-Realm", "test"), ("Auth-Application-Id", 4),
+                     ("Service-Context-Id", "32274@3gpp.org"), ("CC-Request-Type", 4), ("CC-Request-Number", 0),
+                     ("Requested-Action", 0),
+                     ("Subscription-Id", [("Subscription-Id-Type", 0), ("Subscription-Id-Data", MSISDN)]),
+                     ("Multiple-Services-Indicator", 1),
+                     ("Multiple-Services-Credit-Control", mscc(300, ("Requested-Service-Unit",
+                                                                     [("CC-Service-Specific-Units", 1)])))]
+            assert (await gw.request(event)).get("Result-Code") == 2001
+            now = await money(app)
+            charged.append(before - now)
+            before = now
+        assert charged == [200_000, 200_000, 100_000, 0]
+        spent, priced = 0, []
+        for _ in range(4):  # each SMS as ratecards.pricing prices it, against what the day already cost
+            priced.append(charge_for_usage(sms, 1, spent_before=spent))
+            spent += priced[-1]
+        assert charged == priced
+        clock.advance(86_400)  # the next day: a new cap period
+        event[0] = ("Session-Id", "smsc;ext-sms-next-day")
+        assert (await gw.request(event)).get("Result-Code") == 2001
+        assert before - await money(app) == 200_000
+
+        await wait_for(lambda: _cdr_total(tmp_path), timeout=10)
+        report = await audit(app.store, tmp_path / "cdr")
+        assert report.ok, report.differences
+    finally:
+        gw.close()
+        await app.stop()
+
+
+async def _cdr_total(tmp_path: Path) -> bool:
+    return len(cdr_records(tmp_path / "cdr")) >= 5
