@@ -55,12 +55,44 @@ class MsccCharge(msgspec.Struct, omit_defaults=True):
     next_periods: dict[str, str] = {}
 
 
+# schedules by id, for sending a request again with its schedules in full (BalanceStore.charge after an answer
+# with need_schedules); content-addressed, so shared by every store; bounded (the oldest go first)
+_SCHEDULES: dict[str, dict] = {}
+_SCHEDULES_MAX = 65_536
+
+
 def with_schedule_id(schedule: dict) -> dict:
     """The schedule dict with "id": a content hash the charge script files it under (sched:{pNNN}), so a
-    reservation can name the schedule it was granted with and its usage is rated with that one later."""
+    reservation can name the schedule it was granted with and its usage is rated with that one later. Kept
+    here by its id, for `full_schedules`."""
     body = {key: value for key, value in schedule.items() if key != "id"}
     digest = hashlib.sha1(msgspec.json.encode(body, order="sorted")).hexdigest()[:16]
-    return {**body, "id": digest}
+    full = {**body, "id": digest}
+    if digest not in _SCHEDULES:
+        if len(_SCHEDULES) >= _SCHEDULES_MAX:
+            del _SCHEDULES[next(iter(_SCHEDULES))]
+        _SCHEDULES[digest] = full
+    return full
+
+
+def schedule_ref(schedule: dict) -> dict:
+    """A schedule of with_schedule_id named by its id alone: what an MsccCharge usually carries (the charge
+    functions keep checked schedules by id, see lua/common.lua), so a request's JSON is not mostly schedules."""
+    _SCHEDULES.setdefault(schedule["id"], schedule)
+    return {"id": schedule["id"]}
+
+
+def _full(schedule: dict | None) -> dict | None:
+    if schedule is not None and len(schedule) == 1 and "id" in schedule:
+        return _SCHEDULES.get(schedule["id"], schedule)
+    return schedule
+
+
+def full_schedules(request: ChargeRequest) -> ChargeRequest:
+    """The request with every schedule named by id alone in full (after an answer with need_schedules)."""
+    return msgspec.structs.replace(request, msccs=[
+        msgspec.structs.replace(m, schedule=_full(m.schedule), next_schedule=_full(m.next_schedule))
+        for m in request.msccs])
 
 
 class ChargeRequest(msgspec.Struct, omit_defaults=True):
@@ -111,6 +143,9 @@ class ChargeOutcome(msgspec.Struct, omit_defaults=True):
     stale_plan: str | None = None  # the plan on record when the caller's cached plan (or group) was wrong
     stale_group: str | None = None  # with stale_plan: the group on record ("" = none)
     end_to_end: int = 0  # End-to-End-Id of the request whose outcome this is
+    # a schedule the request named by id alone is not known to the function: nothing was done, the request is
+    # sent again with full_schedules (BalanceStore.charge does; callers never see it)
+    need_schedules: bool = False
 
 
 class Location(msgspec.Struct, frozen=True):

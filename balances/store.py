@@ -59,6 +59,7 @@ from balances.model import (
     Location,
     Subscriber,
     TopupResult,
+    full_schedules,
 )
 from balances.scripts import Library, build_library, is_missing_function, load_library
 
@@ -687,32 +688,14 @@ class BalanceStore:
         pipeline; CCR-T gives sidx the closed-session TTL and takes the session out of subses:.
         `session_location`: the session's index value with its rating keys (CCR-I; a CCR-U that brings new
         keys rewrites it in the same pipeline)."""
+        outcome = _outcome_decoder.decode(await self._charge_call(request, session_location))
+        if outcome.need_schedules:
+            # a schedule named by id alone is not known to the function (a fresh or restarted Valkey, a new
+            # library): nothing was charged; once more with the schedules in full (kept there from then on)
+            outcome = _outcome_decoder.decode(await self._charge_call(full_schedules(request), session_location))
+            if outcome.need_schedules:
+                raise ResponseError("charge: a schedule named by id is unknown to the function and to this process")
         p = request.partition
-        payload = _encoder.encode(request)
-        group_keys = (k.group_key(p, request.group),) if request.group else ()
-        if request.request_type == EVENT:
-            keys = (k.sub_key(p, request.msisdn), k.bal_key(p, request.msisdn),
-                    k.evt_key(p, request.session_id, request.request_number), k.cdr_key(p), k.ledger_key(p),
-                    k.expiry_key(p), k.usage_counters_key(p, request.msisdn), *group_keys)
-            raw = await self._call("event", keys, (payload,))
-        else:
-            keys = (k.sub_key(p, request.msisdn), k.bal_key(p, request.msisdn),
-                    k.ses_key(p, request.session_id), k.open_key(p), k.cdr_key(p), k.ledger_key(p),
-                    k.expiry_key(p), k.usage_counters_key(p, request.msisdn), k.schedules_key(p), *group_keys)
-            extra: tuple[tuple, ...] = ()
-            subses = k.subscriber_sessions_key(p, request.msisdn)
-            if request.request_type == INITIAL:
-                location = session_location or Location(p, request.msisdn, request.plan, request.group)
-                extra = (("SET", k.sidx_key(request.session_id), k.location_value(location)),
-                         ("SADD", subses, request.session_id))
-            elif request.request_type == UPDATE and session_location is not None:
-                extra = (("SET", k.sidx_key(request.session_id), k.location_value(session_location), "XX",
-                          "KEEPTTL"),)
-            elif request.request_type == TERMINATION:
-                extra = (("PEXPIRE", k.sidx_key(request.session_id), SESSION_INDEX_TTL_MS),
-                         ("SREM", subses, request.session_id))
-            raw = await self._call("charge", keys, (payload,), extra)
-        outcome = _outcome_decoder.decode(raw)
         if session_location is not None and request.request_type == UPDATE:
             self._sessions.put(request.session_id, session_location)
         if request.request_type == INITIAL:
@@ -735,6 +718,34 @@ class BalanceStore:
         elif request.request_type == TERMINATION:
             self._sessions.drop(request.session_id)
         return outcome
+
+    async def _charge_call(self, request: ChargeRequest, session_location: Location | None) -> Any:
+        """The FCALL of one charge (with its index commands riding before it); its raw reply."""
+        p = request.partition
+        payload = _encoder.encode(request)
+        group_keys = (k.group_key(p, request.group),) if request.group else ()
+        if request.request_type == EVENT:
+            keys = (k.sub_key(p, request.msisdn), k.bal_key(p, request.msisdn),
+                    k.evt_key(p, request.session_id, request.request_number), k.cdr_key(p), k.ledger_key(p),
+                    k.expiry_key(p), k.usage_counters_key(p, request.msisdn), *group_keys)
+            return await self._call("event", keys, (payload,))
+        else:
+            keys = (k.sub_key(p, request.msisdn), k.bal_key(p, request.msisdn),
+                    k.ses_key(p, request.session_id), k.open_key(p), k.cdr_key(p), k.ledger_key(p),
+                    k.expiry_key(p), k.usage_counters_key(p, request.msisdn), k.schedules_key(p), *group_keys)
+            extra: tuple[tuple, ...] = ()
+            subses = k.subscriber_sessions_key(p, request.msisdn)
+            if request.request_type == INITIAL:
+                location = session_location or Location(p, request.msisdn, request.plan, request.group)
+                extra = (("SET", k.sidx_key(request.session_id), k.location_value(location)),
+                         ("SADD", subses, request.session_id))
+            elif request.request_type == UPDATE and session_location is not None:
+                extra = (("SET", k.sidx_key(request.session_id), k.location_value(session_location), "XX",
+                          "KEEPTTL"),)
+            elif request.request_type == TERMINATION:
+                extra = (("PEXPIRE", k.sidx_key(request.session_id), SESSION_INDEX_TTL_MS),
+                         ("SREM", subses, request.session_id))
+            return await self._call("charge", keys, (payload,), extra)
 
     async def topup(self, msisdn: str, amount: int, reference: str | None, now_ms: int) -> TopupResult:
         """Credits `amount` micro-units to the money bucket; a reference already used changes nothing."""

@@ -32,6 +32,7 @@ from balances.model import (
     MsccCharge,
     MsccOutcome,
     Units,
+    schedule_ref,
     with_schedule_id,
 )
 from balances.store import BalanceStore
@@ -420,10 +421,11 @@ def rating_keys(message: Message) -> tuple[str | None, str | None]:
 
 class RatedSchedule:
     """A compiled schedule as online charging sends it, built once per schedule: the charge script's dict
-    (without the answer-only fields, with its content id), the CCA's constant AVPs, the periods whose keys
-    the script counts by, and the grant horizon for Tariff-Time-Change."""
+    (without the answer-only fields, with its content id) and the reference to it by id alone that requests
+    carry (BalanceStore.charge sends the full one when the function asks), the CCA's constant AVPs, the
+    periods whose keys the script counts by, and the grant horizon for Tariff-Time-Change."""
 
-    __slots__ = ("source", "schedule", "script", "quota", "periods", "horizon")
+    __slots__ = ("source", "schedule", "script", "script_ref", "quota", "periods", "horizon")
 
     def __init__(self, source: RatingSchedule, default_quotas: Mapping[str, int], horizon: int) -> None:
         self.source = source
@@ -432,6 +434,7 @@ class RatedSchedule:
             if quota else source
         self.schedule = schedule
         self.script = _script_schedule(schedule)
+        self.script_ref = schedule_ref(self.script)
         self.quota = QuotaAvps(schedule)
         periods = [schedule.scope]
         if schedule.cap:
@@ -807,7 +810,7 @@ class CreditControl:
         if granting and change is not None and change < t + rated.horizon:
             rating.after_change(choice)
             change_ms = int(change * 1000)
-            next_schedule = choice.next_rated.script
+            next_schedule = choice.next_rated.script_ref
             next_periods = choice.next_periods
             following = choice.following
             if following is not None and following < t + rated.horizon:
@@ -819,7 +822,7 @@ class CreditControl:
             reason = group.get("Reporting-Reason")
         return MsccCharge(
             rating_group=rating_group,
-            schedule=rated.script,
+            schedule=rated.script_ref,
             service_id=service_id,
             used=used_units,
             requested=requested is not None or event,

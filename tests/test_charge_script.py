@@ -34,6 +34,7 @@ from balances.model import (
     MsccCharge,
     Subscriber,
     Units,
+    schedule_ref,
     with_schedule_id,
 )
 from balances.store import BalanceStore
@@ -320,19 +321,123 @@ async def test_initial_for_an_existing_session_is_5012_and_changes_nothing(store
     assert await dump(store.redis) == before
 
 
-async def test_only_the_last_answers_are_kept(store):
+async def test_stored_answers_are_kept_by_age_and_need(store):
+    """The last answer and those younger than 60 s are kept (at most 8); a request numbered at or below one
+    that was let go, with no stored answer, is answered 5012 and changes nothing."""
     at = await subscriber(store, "491701000011", 10**12)
     s = schedule(allowances=())
-    await store.charge(ccr(at, "w1", INITIAL, 0, [mscc(s)]))
-    for n in range(1, 41):
-        await store.charge(ccr(at, "w1", UPDATE, n, [mscc(s, used=Units(total=1))]))
-    answers = [f for f in await store.redis.hkeys(k.ses_key(at.partition, "w1")) if f.startswith(b"a:")]
-    assert sorted(int(f[2:]) for f in answers) == list(range(9, 41))
-    assert (await store.charge(ccr(at, "w1", UPDATE, 40, []))).duplicate
+
+    async def kept() -> list[int]:
+        fields = await store.redis.hkeys(k.ses_key(at.partition, "w1"))
+        return sorted(int(f[2:]) for f in fields if f.startswith(b"a:"))
+
+    await store.charge(ccr(at, "w1", INITIAL, 0, [mscc(s, service_id=7)], origin_host="pgw"))
+    for n in (1, 2, 3, 5, 4):  # 5 before 4: a CCR-U sent before the previous one is answered (RFC 4006 §5.1.2)
+        outcome = await store.charge(ccr(at, "w1", UPDATE, n, [mscc(s, used=Units(total=1), service_id=7)],
+                                         now=NOW + 1_000 * n))
+        assert (outcome.result_code, outcome.duplicate) == (2001, False)
+    assert await kept() == [0, 1, 2, 3, 4, 5]
+
+    # a minute later only the last one stays; its duplicate is the stored answer, decoded back exactly
+    answer = await store.charge(ccr(at, "w1", UPDATE, 6, [mscc(s, used=Units(total=1), service_id=7)],
+                                    now=NOW + 70_000, end_to_end=2**32 - 1))
+    assert await kept() == [6]
+    again = await store.charge(ccr(at, "w1", UPDATE, 6, [], now=NOW + 75_000))
+    assert again == msgspec.structs.replace(answer, duplicate=True)
+    assert answer.msccs[0].service_id == 7 and answer.end_to_end == 2**32 - 1
     before = await dump(store.redis)
-    outcome = await store.charge(ccr(at, "w1", UPDATE, 3, [mscc(s, used=Units(total=1))]))  # too old to tell
-    assert outcome.result_code == 5012
+    for old in (5, 0):  # let go: cannot be told apart from an old duplicate
+        outcome = await store.charge(ccr(at, "w1", UPDATE, old, [mscc(s, used=Units(total=1))], now=NOW + 75_000))
+        assert (outcome.result_code, outcome.duplicate) == (5012, False)
     assert await dump(store.redis) == before
+
+    # a burst within the window keeps at most 8
+    for n in range(7, 21):
+        await store.charge(ccr(at, "w1", UPDATE, n, [mscc(s, used=Units(total=1))], now=NOW + 80_000))
+    assert await kept() == list(range(13, 21))
+    assert (await store.charge(ccr(at, "w1", UPDATE, 13, [], now=NOW + 80_000))).duplicate
+    outcome = await store.charge(ccr(at, "w1", UPDATE, 12, [mscc(s, used=Units(total=1))], now=NOW + 80_000))
+    assert outcome.result_code == 5012
+
+
+async def test_schedules_named_by_id_are_sent_in_full_once(store):
+    """A request names its schedules by id alone; a function that does not know one answers need_schedules
+    (changing nothing) and BalanceStore sends the request again in full, once: from then on the id is enough,
+    for the session's next request and for an event."""
+    at = await subscriber(store, "491701000023", 10**12)
+    full = with_schedule_id(msgspec.to_builtins(schedule(allowances=(), version=f"by-id-{random.random()}")))
+    ref = schedule_ref(full)
+    assert ref == {"id": full["id"]}
+
+    def by_ref(**options: Any) -> MsccCharge:
+        return MsccCharge(rating_group=10, schedule=ref, requested=True, **options)
+
+    calls = store.calls_sent
+    opened = await store.charge(ccr(at, "r1", INITIAL, 0, [by_ref()]))
+    assert (opened.result_code, opened.msccs[0].granted, opened.need_schedules) == (2001, Units(total=10_240), False)
+    assert store.calls_sent - calls == 2  # need_schedules, then in full
+    calls = store.calls_sent
+    updated = await store.charge(ccr(at, "r1", UPDATE, 1, [by_ref(used=Units(total=2_048))]))
+    assert (updated.result_code, updated.msccs[0].amount) == (2001, CENT)
+    event = await store.charge(ChargeRequest(session_id="e1", request_type=EVENT, request_number=0,
+                                             msisdn=at.msisdn, plan=at.plan, partition=at.partition, now_ms=NOW,
+                                             msccs=[by_ref()], requested_action=PRICE_ENQUIRY))
+    assert event.result_code == 2001 and event.msccs[0].cost == CENT
+    assert store.calls_sent - calls == 2  # one each
+    # the raw answer of the function, for a schedule nobody sent in full
+    unknown = {"id": "0123456789abcdef"}
+    request = ccr(at, "r2", INITIAL, 0, [MsccCharge(rating_group=10, schedule=unknown, requested=True)])
+    before = await dump(store.redis)
+    with pytest.raises(ResponseError, match="named by id"):
+        await store.charge(request)
+    await store.redis.delete(k.sidx_key("r2"), k.subscriber_sessions_key(at.partition, at.msisdn))
+    after = await dump(store.redis)
+    assert {key: value for key, value in after.items() if not key.startswith(b"subses:")} == {
+        key: value for key, value in before.items() if not key.startswith(b"subses:")}
+
+
+async def test_the_session_keeps_its_peer_only_when_it_is_not_the_origin_host(store):
+    at = await subscriber(store, "491701000022", 10**12)
+    s = schedule(allowances=())
+    key = k.ses_key(at.partition, "p1")
+    await store.charge(ccr(at, "p1", INITIAL, 0, [mscc(s)], origin_host="pgw1", origin_realm="gw", peer="pgw1"))
+    session = await store.redis.hgetall(key)
+    assert b"peer" not in session and b"ctx" not in session
+    assert (await store.session_owner("p1")).peer == "pgw1"
+    await store.charge(ccr(at, "p1", UPDATE, 1, [mscc(s)], origin_host="pgw2", origin_realm="gw", peer="dra"))
+    assert await store.redis.hget(key, "peer") == b"dra"
+    owner = await store.session_owner("p1")
+    assert (owner.origin_host, owner.peer) == ("pgw2", "dra")
+    await store.charge(ccr(at, "p1", UPDATE, 2, [mscc(s)], origin_host="pgw2", origin_realm="gw", peer="pgw2"))
+    assert await store.redis.hget(key, "peer") is None
+    assert (await store.session_owner("p1")).peer == "pgw2"
+    assert (await store.open_sessions())[0]["peer"] == "pgw2"
+
+
+async def test_a_session_from_before_the_answer_index_keeps_its_rules(store):
+    """A session written by the version that kept the last 32 answers (no 'ak'): its stored answers still
+    answer duplicates, a request at or below (highest - 32) is answered 5012, and the next answer written
+    lets the old ones go."""
+    at = await subscriber(store, "491701000021", 10**12)
+    s = schedule(allowances=())
+    await store.charge(ccr(at, "l1", INITIAL, 0, [mscc(s)]))
+    key = k.ses_key(at.partition, "l1")
+    stored = b'{"result_code":2001,"msccs":[{"rating_group":10,"result_code":2001,"amount":0,"reserved":1}],' \
+             b'"end_to_end":9}'
+    legacy_cdr = f'"servedMSISDN":"{at.msisdn}","sessionId":"l1","originHost":"","recordOpeningTime":{NOW}'
+    await store.redis.hset(key, mapping={"hi": 40, "a:39": stored, "a:40": stored, "cdr": legacy_cdr})
+    await store.redis.hdel(key, "ak", "a:0")
+    duplicate = await store.charge(ccr(at, "l1", UPDATE, 39, []))
+    assert (duplicate.duplicate, duplicate.end_to_end, duplicate.msccs[0].reserved) == (True, 9, 1)
+    assert (await store.charge(ccr(at, "l1", UPDATE, 8, [mscc(s)]))).result_code == 5012
+    outcome = await store.charge(ccr(at, "l1", UPDATE, 41, [mscc(s, used=Units(total=1))], now=NOW + 1))
+    assert (outcome.result_code, outcome.duplicate) == (2001, False)
+    fields = await store.redis.hkeys(key)
+    assert sorted(f for f in fields if f.startswith(b"a:")) == [b"a:41"]
+    [(_, record)] = await store.redis.xrange(k.cdr_key(at.partition))
+    assert record[b"r"].count(b'"servedMSISDN"') == record[b"r"].count(b'"recordOpeningTime"') == 1
+    assert msgspec.json.decode(record[b"r"])["recordOpeningTime"] == NOW
+    assert (await store.charge(ccr(at, "l1", UPDATE, 40, [mscc(s)]))).result_code == 5012
 
 
 # ---- events ------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from balances import keys as k
-from balances.model import Location, Subscriber
+from balances.model import ChargeRequest, Location, Subscriber, full_schedules
 from ocs.charging import rating_keys
 from ocs.clock import FixedClock
 from ocs.server import ServerApp
@@ -553,8 +553,11 @@ def test_one_change_per_grant_and_the_period_keys():
     assert failures == [] and len(charges) == 1
     charge = charges[0]
     assert charge.tariff_change_ms == epoch("2027-03-10T22:00:00") * 1000
-    assert charge.schedule["price_num"] != charge.next_schedule["price_num"]
+    assert list(charge.schedule) == list(charge.next_schedule) == ["id"]  # named by id (the script keeps them)
+    full = full_schedules(ChargeRequest("s;1", 2, 1, MSISDN, "short", 0, now * 1000, msccs=charges)).msccs[0]
+    assert full.schedule["price_num"] != full.next_schedule["price_num"]
     assert charge.schedule["id"] != charge.next_schedule["id"]
+    assert (full.schedule["id"], full.next_schedule["id"]) == (charge.schedule["id"], charge.next_schedule["id"])
     assert charge.periods == charge.next_periods == {"day": "2027-03-10"}
     quota, validity = quotas[(1, None)]
     assert decode_message(encode_message(272, 4, 0, 1, 1, [validity])).get("Validity-Time") == 30 * 60

@@ -125,7 +125,7 @@ async def test_event_duplicates_are_recognised_for_at_least_four_minutes(apps, c
     gw_b.close()
 
 
-async def test_defined_answers_for_requests_out_of_sequence(apps):
+async def test_defined_answers_for_requests_out_of_sequence(apps, clock):
     a = await apps()
     await provision(a, money=10_000_000)
     data = compiled_plans(a.config)[0]["demo"][DATA_RG]
@@ -145,20 +145,25 @@ async def test_defined_answers_for_requests_out_of_sequence(apps):
     # updates may arrive out of order (RFC 4006 §5.1.2): each is charged once
     assert (await gw.ccr(sid, 2, 2, used=300_000)).get("Result-Code") == 2001
     assert (await gw.ccr(sid, 2, 1, used=200_000)).get("Result-Code") == 2001
-    # a number older than the last 32 answered ones, never answered: cannot be told from an old duplicate
+    # the answers of a minute ago are let go (the last one stays): a number at or below them, never answered,
+    # cannot be told from an old duplicate; a higher one not answered yet is charged
+    clock.advance(61)
     assert (await gw.ccr(sid, 2, 40, used=100_000)).get("Result-Code") == 2001
-    assert (await gw.ccr(sid, 2, 3, used=999_999)).get("Result-Code") == 5012
-    assert (await gw.ccr(sid, 2, 9, used=50_000)).get("Result-Code") == 2001  # inside the window
+    assert (await gw.ccr(sid, 2, 3, used=999_999)).get("Result-Code") == 2001  # still within the minute
+    clock.advance(61)
+    assert (await gw.ccr(sid, 2, 41, used=50_000)).get("Result-Code") == 2001
+    assert (await gw.ccr(sid, 2, 39, used=999_999)).get("Result-Code") == 5012
+    assert (await gw.resend(gw.sent[(sid, 41)])).get("Result-Code") == 2001  # the last one is kept
 
-    assert (await gw.ccr(sid, 3, 41, used=1, request_units=False)).get("Result-Code") == 2001
+    assert (await gw.ccr(sid, 3, 42, used=1, request_units=False)).get("Result-Code") == 2001
     # CCR-U after CCR-T: the session is closed
-    after = await gw.ccr(sid, 2, 42, used=10)
+    after = await gw.ccr(sid, 2, 43, used=10)
     assert after.get("Result-Code") == 5002
-    assert after.get("CC-Request-Type") == 2 and after.get("CC-Request-Number") == 42
+    assert after.get("CC-Request-Type") == 2 and after.get("CC-Request-Number") == 43
     # the CCR-T retransmitted is still answered from its stored outcome
-    assert (await gw.resend(gw.sent[(sid, 41)])).get("Result-Code") == 2001
+    assert (await gw.resend(gw.sent[(sid, 42)])).get("Result-Code") == 2001
 
-    charged = sum(amount_for_units(data, u) for u in (300_000, 200_000, 100_000, 50_000, 1))
+    charged = sum(amount_for_units(data, u) for u in (300_000, 200_000, 100_000, 999_999, 50_000, 1))
     assert await money(a) == (10_000_000 - charged, 0)
     gw.close()
 

@@ -4,15 +4,25 @@
 -- KEYS[4] open:{p}           KEYS[5] cdr:{p}            KEYS[6] ledger:{p}
 -- KEYS[7] bexp:{p}           KEYS[8] use:{p}:<msisdn>   KEYS[9] sched:{p}
 -- [KEYS[10] grp:{p}:<group>, when the request names the subscriber's group]
--- ARGV[1] the ChargeRequest as JSON
--- Returns a ChargeOutcome as JSON.
+-- ARGV[1] the ChargeRequest as JSON; an MSCC's schedule and next_schedule may be {"id": ...} alone (common.lua
+-- resolve_schedules)
+-- Returns a ChargeOutcome as JSON; {"result_code":0,"need_schedules":true} (nothing read or written) when a
+-- schedule named by id alone is not known here: the caller sends the request again with it in full.
 --
 -- Order: duplicate check -> subscriber checks -> session checks -> for each MSCC (release the rating
 -- group's reservation, commit the used units, reserve the new grant) -> TERMINATION closes the session ->
--- store the outcome under a:<request-number> -> last activity. Reads happen up front (one HMGET of the
--- session, one HGETALL of the balances, and of the group's shared buckets for a member) and writes once at
--- the end, apart from the CDR and ledger XADDs. The CDR members that never change in a session are rendered
--- at CCR-I and kept in the session as 'cdr'.
+-- store the answer under a:<request-number> (compact, common.lua stored_answer) and let old ones go -> last
+-- activity. Reads happen up front (one HMGET of the session, one HGETALL of the balances, and of the group's
+-- shared buckets for a member) and writes once at the end, apart from the CDR and ledger XADDs. The CDR
+-- members that never change in a session are rendered at CCR-I and kept in the session as 'cdr' (common.lua
+-- cdr_static: without servedMSISDN, sessionId and recordOpeningTime, which the session has as msisdn, its key
+-- and created; the request's CDR context is not kept otherwise).
+--
+-- The session hash ses:{p}:<session-id>: msisdn, plan, state (open / closed), cdr, created, last (ms),
+-- origin_host / origin_realm of the latest CCR, peer (the connected peer it came through, only when that is
+-- not origin_host: readers take origin_host when it is absent), hi (the highest request number answered),
+-- ak (the stored answers, below), a:<n> (a stored answer), r:<rg> (a rating group's reservation), and when
+-- closed: closed (ms), closed_by (close.lua).
 --
 -- Buckets (common.lua): each rating group draws from the buckets that serve it, allowances before money, in
 -- priority then expiry order; ended buckets are settled (expired, or rolled over) before the MSCCs, and
@@ -25,8 +35,14 @@
 --    retransmission recomputes the same answer because nothing changed.
 --  * CCR-I for a session id that already exists (open or closed) and has no stored answer for this request
 --    number is answered 5012 UNABLE_TO_COMPLY and changes nothing: never a second reservation for a session.
---  * The last WINDOW answers are kept; a request numbered at or below (highest - WINDOW) that has no stored
---    answer cannot be told apart from an old duplicate and is answered 5012 without changes.
+--  * Stored answers are kept by age and need, not by count: the last one (highest request number) and those
+--    younger than ANSWER_KEEP_MS (60 s: a duplicate comes within the client's Tx timer plus a failover, and
+--    RFC 4006 §5.1.2 lets a client send a CCR-U before the previous one is answered), at most ANSWERS_MAX.
+--    The session's 'ak' lists them: '<forgotten>;<number>:<time ms>;<number>:<time>...' in the order they
+--    were stored, forgotten being the highest number let go (-1: none). A request numbered at or below
+--    `forgotten` that has no stored answer cannot be told apart from an old duplicate and is answered 5012
+--    without changes. A session written before 'ak' existed counts as having kept its last 32 answers, of
+--    unknown age.
 --  * Subscriber status: "active" charges; "barred" and "suspended" (and any status this code does not know)
 --    get CCR-I 4010 at command level, and CCR-U commits the used units and answers 4010 in each MSCC that
 --    asks for units; "terminated" gets CCR-I 5030 (like an unknown subscriber), and CCR-U commits the used
@@ -80,7 +96,9 @@
 --    fair_usage, and the final-units flow above follows (f 1, then f 2 with "w") until a request for units
 --    finds room again (the next period).
 
-local WINDOW = 32
+local ANSWER_KEEP_MS = 60000 -- stored answers younger than this are kept for duplicates, besides the last one
+local ANSWERS_MAX = 8 -- and at most this many per session, the last one included
+local LEGACY_WINDOW = 32 -- a session written before 'ak' existed kept the last 32 answers
 local RESTRICTED = '{"u":0,"b":{},"f":2}' -- a rating group whose final units are used (no units held)
 local CLOSED_TTL_MS = 86400000 -- a closed session keeps its stored answers for a day
 
@@ -92,6 +110,9 @@ local rtype = req.request_type
 if rtype ~= 1 and rtype ~= 2 and rtype ~= 3 then
   return redis.error_reply('ERR charge: request_type must be 1, 2 or 3')
 end
+if not resolve_schedules(req, sched_key) then
+  return NEED_SCHEDULES -- a schedule named by id alone that is neither kept nor filed: sent again in full
+end
 local err = check_request(req)
 if err then
   return redis.error_reply('ERR charge: invalid ' .. err)
@@ -101,16 +122,16 @@ local n, now, e2e = req.request_number, req.now_ms, req.end_to_end
 local answer_field = 'a:' .. int(n)
 
 -- the session fields this request needs: the fixed ones, its stored answer, its rating groups' reservations
-local FIXED = 5
-local wanted = { 'state', 'msisdn', 'cdr', 'hi', answer_field }
+local FIXED = 8
+local wanted = { 'state', 'msisdn', 'cdr', 'hi', 'ak', 'peer', 'created', answer_field }
 for _, m in ipairs(req.msccs) do
   wanted[#wanted + 1] = 'r:' .. int(m.rating_group)
 end
 local ses = call('HMGET', ses_key, unpack_(wanted))
 
 -- 1. duplicate
-if ses[5] then
-  return as_duplicate(ses[5])
+if ses[FIXED] then
+  return stored_duplicate(ses[FIXED])
 end
 
 -- 2. subscriber
@@ -136,32 +157,55 @@ local ses_set = {} -- field, value, field, value ... written with one HSET at th
 local ses_del = {}
 local rec -- what the CDR records of this request share
 local highest = tonumber(ses[4]) or -1
+local forgotten, stored = -1, '' -- the stored answers' 'ak': forgotten, and the ';<number>:<time>' entries
 if rtype == 1 then
   if ses[1] then
     return outcome_json(5012, nil, e2e)
   end
-  local ctx_json = jval(req.context) -- an empty table is written as {}
-  local static = cdr_static(req.msisdn, sub[4], req.session_id, req.origin_host, req.context, now)
-  ses_set = { 'msisdn', req.msisdn, 'plan', req.plan, 'state', 'open', 'ctx', ctx_json, 'cdr', static,
-    'created', int(now) }
-  rec = record_parts(static, req.session_id, n, now)
+  local static = cdr_static(sub[4], req.origin_host, req.context)
+  ses_set = { 'msisdn', req.msisdn, 'plan', req.plan, 'state', 'open', 'cdr', static, 'created', int(now) }
+  rec = record_parts(static, req.msisdn, req.session_id, now, n, now)
 else
   if ses[1] ~= 'open' or ses[2] ~= req.msisdn then
     return outcome_json(5002, nil, e2e)
   end
-  if n <= highest - WINDOW then
+  if ses[5] then
+    local head
+    head, stored = string.match(ses[5], '^(-?%d+)(.*)$')
+    forgotten = tonumber(head)
+  else -- written by an earlier version: its last 32 answers, of unknown age (time 0)
+    forgotten = highest - LEGACY_WINDOW
+    local numbers = {}
+    for _, field in ipairs(call('HKEYS', ses_key)) do
+      if strsub(field, 1, 2) == 'a:' then
+        numbers[#numbers + 1] = tonumber(strsub(field, 3))
+      end
+    end
+    table.sort(numbers)
+    for i, number in ipairs(numbers) do
+      numbers[i] = ';' .. int(number) .. ':0'
+    end
+    stored = concat(numbers)
+  end
+  if n <= forgotten then
     return outcome_json(5012, nil, e2e)
   end
-  rec = record_parts(ses[3], req.session_id, n, now)
+  rec = record_parts(ses[3], req.msisdn, req.session_id, tonumber(ses[7]) or 0, n, now)
 end
--- the gateway of the latest CCR (and the peer it came through) owns the session: RAR/ASR go there
+-- the gateway of the latest CCR (and the peer it came through, kept only when that is another host) owns the
+-- session: RAR/ASR go there
 if req.origin_host ~= '' or rtype == 1 then
   ses_set[#ses_set + 1] = 'origin_host'
   ses_set[#ses_set + 1] = req.origin_host
   ses_set[#ses_set + 1] = 'origin_realm'
   ses_set[#ses_set + 1] = req.origin_realm or ''
-  ses_set[#ses_set + 1] = 'peer'
-  ses_set[#ses_set + 1] = req.peer or req.origin_host
+  local peer = present(req.peer) and req.peer or ''
+  if peer ~= '' and peer ~= req.origin_host then
+    ses_set[#ses_set + 1] = 'peer'
+    ses_set[#ses_set + 1] = peer
+  elseif ses[6] then
+    ses_del[#ses_del + 1] = 'peer'
+  end
 end
 
 -- 4. the MSCCs, in order, between two settlements of expired buckets
@@ -195,7 +239,7 @@ local function schedule_by_id(id)
     return nil
   end
   local s = known[id]
-  if s == nil then
+  if s == nil then -- (only what sched:{p} has: a reservation whose schedule is not on file is rated as asked)
     local raw = call('HGET', sched_key, id)
     s = false
     if raw then
@@ -489,14 +533,36 @@ for field, value in pairs(reservations) do
   end
 end
 ses_set[#ses_set + 1] = answer_field
-ses_set[#ses_set + 1] = out
+ses_set[#ses_set + 1] = stored_answer(result, outcomes, e2e)
 ses_set[#ses_set + 1] = 'last'
 ses_set[#ses_set + 1] = int(now)
 ses_set[#ses_set + 1] = 'hi'
 ses_set[#ses_set + 1] = int(math.max(highest, n))
-if n >= WINDOW then
-  ses_del[#ses_del + 1] = 'a:' .. int(n - WINDOW)
+-- the answers kept: the last one (highest number), and those younger than ANSWER_KEEP_MS, at most ANSWERS_MAX.
+-- The entries are in the order they were stored, so by time: the old ones are at the front and only those are
+-- looked at; a request numbered at or below one that is let go is answered 5012 (see Choices)
+local top = math.max(highest, n)
+stored = stored .. ';' .. int(n) .. ':' .. int(now)
+local count = 0
+for _ in string.gmatch(stored, ';') do count = count + 1 end
+local last, pos = '', 1
+while true do
+  local from, to, number, at = string.find(stored, '^;(%d+):(%d+)', pos)
+  if not from then break end
+  number = tonumber(number)
+  if number == top then
+    last = strsub(stored, from, to) -- the last answer stays, wherever it is (the oldest of those kept)
+  elseif now - tonumber(at) >= ANSWER_KEEP_MS or count > ANSWERS_MAX then
+    ses_del[#ses_del + 1] = 'a:' .. int(number)
+    if number > forgotten then forgotten = number end
+    count = count - 1
+  else
+    break -- this one and all after it are young enough
+  end
+  pos = to + 1
 end
+ses_set[#ses_set + 1] = 'ak'
+ses_set[#ses_set + 1] = int(forgotten) .. last .. strsub(stored, pos)
 if #ses_del > 0 then
   call('HDEL', ses_key, unpack_(ses_del))
 end

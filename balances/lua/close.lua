@@ -32,7 +32,7 @@ if ARGV[5] and ARGV[5] ~= '' then
   cond = decode(ARGV[5])
 end
 
-local ses = call('HMGET', ses_key, 'state', 'msisdn', 'cdr', 'hi', 'last', 'origin_host')
+local ses = call('HMGET', ses_key, 'state', 'msisdn', 'cdr', 'hi', 'last', 'origin_host', 'created')
 if ses[1] ~= 'open' then
   call('ZREM', open_key, session_id) -- a leftover member, if any
   if subses_key then
@@ -74,11 +74,8 @@ if present(cond.tcc) then
   end
   local stored = call('HGET', ses_key, 'a:' .. int(tonumber(ses[4]) or 0))
   if stored then
-    local answer = decode(stored)
-    if type(answer.msccs) == 'table' then
-      for _, m in ipairs(answer.msccs) do
-        consider(int(m.rating_group))
-      end
+    for _, rg in ipairs(stored_rating_groups(stored)) do
+      consider(int(rg))
     end
   end
   local tcc = t.default
@@ -100,7 +97,7 @@ end
 wsave(p.own)
 wsave(p.grp)
 
-local rec = record_parts(ses[3], session_id, tonumber(ses[4]) or 0, now)
+local rec = record_parts(ses[3], msisdn, session_id, tonumber(ses[7]) or 0, tonumber(ses[4]) or 0, now)
 close_record(cdr_key, rec, cause, call('HGET', sub_key, 'currency') or 'EUR')
 call('ZREM', open_key, session_id)
 if subses_key then

@@ -161,6 +161,81 @@ local function as_duplicate(stored)
   return '{"duplicate":true,' .. string.sub(stored, 2)
 end
 
+-- ---- stored answers of a session (charge.lua: a:<request-number>) --------------------------------------
+-- A session's answers are kept for duplicates in a compact positional form, a third of the outcome JSON:
+--   [result_code, end_to_end, mscc, ...]   mscc = [rating_group, result_code, amount, reserved, granted,
+--                                                  service_id, final_unit_action, tariff_change_ms, fair]
+-- granted is the Units object (0: none), fair is 1 for fair_usage; trailing absent members are left out and
+-- absent ones before a present one are null. A duplicate decodes it back to the outcome (integers below 2^53
+-- survive the double round trip exactly: int() prints them).
+
+local MSCC_OPTIONAL = { 'service_id', 'final_unit_action', 'tariff_change_ms' }
+local GRANTED_FIELDS = { 'time', 'total', 'input', 'output', 'units' }
+
+local function stored_answer(result_code, msccs, end_to_end)
+  local p = { '[', int(result_code), ',', int(end_to_end) }
+  for _, o in ipairs(msccs) do
+    local m = { '[' .. int(o.rating_group), int(o.result_code), int(o.amount), int(o.reserved or 0),
+      o.granted or '0' }
+    local tail = { present(o.service_id) and int(o.service_id) or 'null',
+      o.final_unit_action and int(o.final_unit_action) or 'null',
+      o.tariff_change_ms and int(o.tariff_change_ms) or 'null', o.fair_usage and '1' or 'null' }
+    local last = 0
+    for i = 1, 4 do
+      if tail[i] ~= 'null' then last = i end
+    end
+    for i = 1, last do
+      m[#m + 1] = tail[i]
+    end
+    p[#p + 1] = ',' .. concat(m, ',') .. ']'
+  end
+  p[#p + 1] = ']'
+  return concat(p)
+end
+
+-- the rating groups a stored answer names (either form: close.lua reads the last answer's)
+local function stored_rating_groups(raw)
+  local answer = decode(raw)
+  local groups = {}
+  if answer[1] ~= nil then
+    for i = 3, #answer do
+      groups[#groups + 1] = answer[i][1]
+    end
+  elseif type(answer.msccs) == 'table' then
+    for i, m in ipairs(answer.msccs) do
+      groups[i] = m.rating_group
+    end
+  end
+  return groups
+end
+
+-- a stored answer re-sent as the outcome JSON with the duplicate flag (an answer stored as outcome JSON
+-- by an earlier version is re-sent as it is)
+local function stored_duplicate(raw)
+  if byte(raw, 1) == 123 then -- '{'
+    return as_duplicate(raw)
+  end
+  local a = decode(raw)
+  local msccs = {}
+  for i = 3, #a do
+    local m = a[i]
+    local o = { rating_group = m[1], result_code = m[2], amount = m[3], reserved = m[4] }
+    if type(m[5]) == 'table' then
+      local units = {}
+      for _, key in ipairs(GRANTED_FIELDS) do
+        if present(m[5][key]) then units[#units + 1] = '"' .. key .. '":' .. int(m[5][key]) end
+      end
+      o.granted = '{' .. concat(units, ',') .. '}'
+    end
+    for j, key in ipairs(MSCC_OPTIONAL) do
+      if present(m[5 + j]) then o[key] = m[5 + j] end
+    end
+    if present(m[9]) and m[9] == 1 then o.fair_usage = true end
+    msccs[#msccs + 1] = o
+  end
+  return '{"duplicate":true,' .. strsub(outcome_json(a[1], msccs, a[2]), 2)
+end
+
 -- ---- requests and rating schedules ---------------------------------------------------------------------
 
 local UNIT_KINDS = { bytes = true, seconds = true, events = true }
@@ -276,6 +351,80 @@ local function missing_period(s, periods)
     or (s.fair_usage_units > 0 and type(periods[s.fair_usage_period]) ~= 'string')
 end
 
+-- ---- schedules named by id -----------------------------------------------------------------------------
+-- A request's MSCC may carry its schedules in full (checked, then kept here by their id) or name them by id
+-- alone ({"id": ...}, the usual case: the caller sends the full ones only after an answer with
+-- need_schedules). The id is a hash of the content (balances.model.with_schedule_id), so a checked schedule
+-- kept under it between calls (bounded, like the bucket metadata) never goes stale; sched:{p} (filed by
+-- charge.lua when a reservation names one) is the second place to look. The tables are shared between calls:
+-- check_schedule fills them once and nothing changes them afterwards.
+local schedule_cache, schedules_cached, SCHEDULE_CACHE_MAX = {}, 0, 4096
+
+local function cache_schedule(s)
+  if schedule_cache[s.id] == nil then
+    if schedules_cached >= SCHEDULE_CACHE_MAX then
+      schedule_cache, schedules_cached = {}, 0
+    end
+    schedules_cached = schedules_cached + 1
+  end
+  schedule_cache[s.id] = s
+end
+
+-- the schedule a reference names (nil when neither kept nor on file in sched_key, or sched_key is nil); any
+-- other value as it is (check_schedule judges it)
+local function named_schedule(s, sched_key)
+  if type(s) ~= 'table' or s.unit ~= nil or type(s.id) ~= 'string' then
+    return s
+  end
+  local found = schedule_cache[s.id]
+  if found == nil and sched_key then
+    local raw = call('HGET', sched_key, s.id)
+    if raw then
+      local filed = decode(raw)
+      if filed.id == s.id and not check_schedule(filed) then
+        cache_schedule(filed)
+        found = filed
+      end
+    end
+  end
+  return found
+end
+
+-- replaces the schedule references of a request by the schedules; false when one is not known here (the
+-- caller answers need_schedules and the request comes again with them in full)
+local function resolve_schedules(req, sched_key)
+  if not present(req.msccs) then
+    return true
+  end
+  for _, m in ipairs(req.msccs) do
+    if type(m) == 'table' then
+      local s = named_schedule(m.schedule, sched_key)
+      if s == nil then return false end
+      m.schedule = s
+      if present(m.next_schedule) then
+        s = named_schedule(m.next_schedule, sched_key)
+        if s == nil then return false end
+        m.next_schedule = s
+      end
+    end
+  end
+  return true
+end
+
+-- a schedule checked once: one named by reference is the kept (checked) table; a full one with an id is kept
+local function checked_schedule(s)
+  if type(s) == 'table' and s.id ~= nil and schedule_cache[s.id] == s then
+    return nil
+  end
+  local err = check_schedule(s)
+  if not err and s.id ~= nil then
+    cache_schedule(s)
+  end
+  return err
+end
+
+local NEED_SCHEDULES = '{"result_code":0,"need_schedules":true}'
+
 -- checks shared by charge and event requests (fills omitted defaults); an error text or nil
 local function check_request(req)
   if type(req.session_id) ~= 'string' or type(req.msisdn) ~= 'string' or type(req.plan) ~= 'string' then
@@ -305,7 +454,7 @@ local function check_request(req)
       or check_units(m.used_after) or check_units(m.used_indeterminate) then
       return 'units'
     end
-    local err = check_schedule(m.schedule)
+    local err = checked_schedule(m.schedule)
     if err then return err end
     if not present(m.periods) then m.periods = {} end
     if not present(m.next_periods) then m.next_periods = {} end
@@ -317,7 +466,7 @@ local function check_request(req)
       m.next_schedule = nil
     end
     if m.next_schedule and m.next_schedule ~= m.schedule then
-      err = check_schedule(m.next_schedule)
+      err = checked_schedule(m.next_schedule)
       if err then return 'next ' .. err end
     end
     if type(m.periods) ~= 'table' or type(m.next_periods) ~= 'table' then return 'periods' end
@@ -1346,32 +1495,40 @@ local CLOSING_CAUSE = {
 }
 local CONTEXT_FIELDS = { 'serviceContextId', 'chargingID', 'apn', 'servingNodePLMN', 'ratType', 'servedIMEISV' }
 
--- the members every record of a session shares, rendered once (at CCR-I; stored as the session's 'cdr')
-local function cdr_static(msisdn, imsi, session_id, origin_host, ctx, opened)
+-- the members every record of a session shares but those the session hash has anyway (servedMSISDN,
+-- sessionId, recordOpeningTime: record_parts adds them), rendered once at CCR-I and stored as the session's
+-- 'cdr'; starts with ','
+local function cdr_static(imsi, origin_host, ctx)
   if present(ctx.servedIMSI) then
     imsi = ctx.servedIMSI
   end
-  local p = { '"servedMSISDN":', encode(msisdn) }
+  local p = {}
   if present(imsi) and imsi then
-    p[#p + 1] = ',"servedIMSI":' .. jval(imsi)
+    p[1] = ',"servedIMSI":' .. jval(imsi)
   end
-  p[#p + 1] = ',"sessionId":' .. encode(session_id) .. ',"originHost":' .. encode(origin_host)
+  p[#p + 1] = ',"originHost":' .. encode(origin_host)
   for _, key in ipairs(CONTEXT_FIELDS) do
     local v = ctx[key]
     if present(v) then
       p[#p + 1] = ',"' .. key .. '":' .. jval(v)
     end
   end
-  p[#p + 1] = ',"recordOpeningTime":' .. int(opened)
   return concat(p)
 end
 
 -- what every record of one request shares: rec = {head = '{"recordId":"<sid>;<n>;', tail = the members
--- after recordType}; a record is head .. <rg or 'close'> .. '","recordType":"<type>"' .. tail .. <own members>
-local function record_parts(static, session_id, n, now)
-  local id = encode(session_id .. ';' .. int(n) .. ';')
+-- after recordType}; a record is head .. <rg or 'close'> .. '","recordType":"<type>"' .. tail .. <own members>.
+-- `static` is cdr_static's text (a session written by an earlier version stored it with servedMSISDN,
+-- sessionId and recordOpeningTime in it: used as it is); `opened` the session's creation (ms)
+local function record_parts(static, msisdn, session_id, opened, n, now)
+  local sid = encode(session_id)
+  local id = strsub(sid, 1, -2) .. ';' .. int(n) .. ';'
+  if byte(static, 1) == 44 then -- ','
+    static = '"servedMSISDN":' .. encode(msisdn) .. static .. ',"sessionId":' .. sid .. ',"recordOpeningTime":'
+      .. int(opened)
+  end
   return {
-    head = '{"recordId":' .. string.sub(id, 1, -2),
+    head = '{"recordId":' .. id,
     tail = ',"schemaVersion":1,' .. static .. ',"ccRequestNumber":' .. int(n) .. ',"recordTime":' .. int(now),
   }
 end

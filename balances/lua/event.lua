@@ -3,8 +3,8 @@
 -- KEYS[1] sub:{p}:<msisdn>   KEYS[2] bal:{p}:<msisdn>   KEYS[3] evt:{p}:<session-id>:<request-number>
 -- KEYS[4] cdr:{p}            KEYS[5] ledger:{p}         KEYS[6] bexp:{p}
 -- KEYS[7] use:{p}:<msisdn>   [KEYS[8] grp:{p}:<group>, when the request names the subscriber's group]
--- ARGV[1] the ChargeRequest as JSON (request_type 4, requested_action set)
--- Returns a ChargeOutcome as JSON.
+-- ARGV[1] the ChargeRequest as JSON (request_type 4, requested_action set); schedules may be named by id alone
+-- Returns a ChargeOutcome as JSON, or {"result_code":0,"need_schedules":true} like charge.lua.
 --
 -- Units of an MSCC: its requested units in the schedule's unit, else its used units, else the schedule's
 -- default quota (no max_quota cap: an event is priced as asked).
@@ -44,6 +44,9 @@ local action = req.requested_action
 if action ~= 0 and action ~= 1 and action ~= 2 and action ~= 3 then
   return redis.error_reply('ERR event: requested_action must be 0..3')
 end
+if not resolve_schedules(req, nil) then
+  return NEED_SCHEDULES -- a schedule named by id alone that is not kept here: sent again in full
+end
 local err = check_request(req)
 if err then
   return redis.error_reply('ERR event: invalid ' .. err)
@@ -67,8 +70,8 @@ if action == 0 and sub[3] ~= 'active' then
   return outcome_json(4010, nil, e2e)
 end
 
-local rec = record_parts(cdr_static(req.msisdn, sub[4], req.session_id, req.origin_host, req.context, now),
-  req.session_id, req.request_number, now)
+local rec = record_parts(cdr_static(sub[4], req.origin_host, req.context), req.msisdn, req.session_id, now,
+  req.request_number, now)
 local keys = rating_keys_json(req.rating_keys.destination, req.rating_keys.plmn) -- the records' rating keys
 
 local function usage_of(unit, units)
